@@ -1,0 +1,33 @@
+# cspine-screener: `make run` starts the node, `make test` runs the tests.
+# Both create .venv and install the project on first use.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install demo-engines bench clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo-engines: $(STAMP)
+	$(BIN)/python -m screener.demo --engines engines --config config.toml
+
+run: $(STAMP) demo-engines
+	$(BIN)/screener serve --config config.toml
+
+bench: $(STAMP)
+	$(BIN)/python bench/engines.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

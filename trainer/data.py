@@ -1,0 +1,100 @@
+"""From samples to model inputs: reading, the shared preprocessing, caching, datasets."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from screener import preprocessing as pp
+from trainer.augment import Augment, augment
+from trainer.csxa import LoadReport, Sample
+
+
+def image_mode(img: np.ndarray) -> str:
+    """A PIL-style name of how the file stored its pixels (for the report)."""
+    bits16 = img.dtype == np.uint16
+    if img.ndim == 2 or img.shape[2] == 1:
+        return "I;16" if bits16 else "L"
+    return {2: "LA", 3: "RGB", 4: "RGBA"}.get(img.shape[2], f"{img.shape[2]}ch") + ("-16" if bits16 else "")
+
+
+def read_gray8(path: Path) -> tuple[np.ndarray, str]:
+    """Read any PNG as 8-bit gray; ValueError names the file if it is not a readable image."""
+    data = np.fromfile(path, dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if img is None:
+        raise ValueError(f"{path}: corrupt or unreadable image")
+    return pp.to_gray8(img, "BGR"), image_mode(img)
+
+
+def sample_box(sample: Sample) -> pp.Box | None:
+    return sample.box
+
+
+def prepare_samples(
+    samples: Sequence[Sample], rcp: pp.Recipe, report: LoadReport, progress: bool = True
+) -> tuple[list[Sample], np.ndarray]:
+    """Prepare every sample once (uint8 N x S x S x 3); unreadable images are skipped and reported."""
+    kept: list[Sample] = []
+    arrays: list[np.ndarray] = []
+    modes: Counter[str] = Counter()
+    for s in tqdm(samples, desc=f"preprocess {rcp.name}", unit="img", disable=not progress, leave=False):
+        try:
+            gray, mode = read_gray8(s.image_path)
+            box = sample_box(s)
+            if rcp.needs_box and box is None:
+                report.skip(s.image_path, f"recipe {rcp.name} needs keypoints")
+                continue
+            arrays.append(pp.prepare(gray, rcp, box))
+        except ValueError as exc:
+            report.skip(s.image_path, str(exc).replace(str(s.image_path) + ": ", ""))
+            continue
+        modes[mode] += 1
+        kept.append(s)
+    report.modes = dict(sorted(modes.items()))
+    size = rcp.image_size
+    stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+    return kept, stacked
+
+
+def fingerprint(samples: Sequence[Sample], root: Path) -> str:
+    """SHA-256 of the file list (relative path, size), labels and keypoint boxes."""
+    h = hashlib.sha256()
+    for s in sorted(samples, key=lambda s: s.id):
+        rel = s.image_path.relative_to(root) if s.image_path.is_relative_to(root) else s.image_path
+        box = s.box
+        box_txt = ",".join(f"{v:.1f}" for v in box) if box else "-"
+        h.update(f"{rel}|{s.image_path.stat().st_size}|{s.label}|{box_txt}\n".encode())
+    return h.hexdigest()
+
+
+class PreparedDataset(Dataset):
+    """Prepared uint8 images -> normalized tensors, with optional augmentation."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], norm: pp.Normalization,
+                 aug: Augment | None = None, seed: int = 0) -> None:
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.norm = norm
+        self.aug = aug
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i]
+        if self.aug is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, i))
+            img = augment(img, rng, self.aug)
+        return torch.from_numpy(pp.normalize(img, self.norm)), int(self.labels[i])

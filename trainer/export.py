@@ -1,0 +1,311 @@
+"""Turn a trained module into the engine files the node runs.
+
+* ``export_onnx``: fp32 ONNX, dynamic batch axis, one self-contained file.
+* ``quantize_int8``: ONNX Runtime static int8 quantization, calibrated on real
+  preprocessed training images (see the function's docstring for the settings).
+* ``export_tensorrt``: a Torch-TensorRT fp16 program (NVIDIA hosts with the
+  ``tensorrt`` extra only; imported lazily, never at module import).
+* ``compare_with_torch`` / ``onnx_predict``: parity checks used by the build.
+* ``backend_record``: the manifest entry (SHA-256, path relative to the engine folder).
+
+All functions are generic over the output shape: (N,) probabilities, an (N, 4)
+box or an (N, K) vector are handled alike; the batch axis is always first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from screener.errors import UserError
+from screener.manifest import Backend, sha256_file
+
+TENSORRT_HINT = "TensorRT backend needs CUDA and the tensorrt extra: pip install '.[tensorrt]'"
+EXAMPLE_BATCH = 2  # >= 2 so the exporter does not specialise the batch axis to 1
+DEFAULT_CHUNK = 32
+
+
+# --------------------------------------------------------------------------- ONNX fp32
+
+def export_onnx(module: nn.Module, path: Path, image_size: int, input_name: str = "image",
+                output_name: str = "probability", opset: int = 17) -> Path:
+    """Export `module` (eval, CPU, fp32) to a single self-contained ONNX file with a dynamic batch axis.
+
+    Tries the dynamo exporter first (``torch.export`` + ``dynamic_shapes``); if that fails or
+    yields a model whose batch axis is not dynamic, falls back to the TorchScript exporter with
+    ``dynamic_axes``. Either way the result is checked with ``onnx.checker`` and any external
+    data is folded back into the one ``.onnx`` file.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval().to("cpu")
+    example = torch.randn(EXAMPLE_BATCH, 3, image_size, image_size, dtype=torch.float32)
+    errors: list[str] = []
+    for exporter in (_export_dynamo, _export_torchscript):
+        try:
+            with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+                tmp_file = Path(tmp) / "model.onnx"
+                exporter(module, example, tmp_file, input_name, output_name, opset)
+                model = onnx.load(str(tmp_file), load_external_data=True)
+            if not _batch_is_dynamic(model):
+                raise RuntimeError("the exported batch axis is static")
+            onnx.checker.check_model(model, full_check=True)
+            _save_single_file(model, path)
+            return path
+        except Exception as exc:  # noqa: BLE001 - try the next exporter, report all on failure
+            errors.append(f"{exporter.__name__}: {exc.__class__.__name__}: {exc}")
+    raise RuntimeError("ONNX export failed:\n" + "\n".join(errors))
+
+
+def _export_dynamo(module: nn.Module, example: torch.Tensor, file: Path, input_name: str,
+                   output_name: str, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (example,), str(file), dynamo=True, external_data=False,
+            input_names=[input_name], output_names=[output_name], opset_version=opset,
+            dynamic_shapes=({0: batch},), optimize=True, verbose=False,
+        )
+
+
+def _export_torchscript(module: nn.Module, example: torch.Tensor, file: Path, input_name: str,
+                        output_name: str, opset: int) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (example,), str(file), dynamo=False,
+            input_names=[input_name], output_names=[output_name], opset_version=opset,
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            do_constant_folding=True,
+        )
+
+
+def _batch_is_dynamic(model: Any) -> bool:
+    """True when the first axis of every graph input and output is symbolic."""
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value"):
+            return False
+    return True
+
+
+def _save_single_file(model: Any, path: Path) -> None:
+    """Write `model` with every tensor inline (no external-data side file), atomically."""
+    import onnx
+
+    tmp = path.with_name(path.name + ".part")
+    onnx.save_model(model, str(tmp), save_as_external_data=False)
+    tmp.replace(path)
+
+
+def is_self_contained(path: Path) -> bool:
+    """True when no initializer of the ONNX file refers to external data."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    return not any(uses_external_data(t) for t in model.graph.initializer)
+
+
+# --------------------------------------------------------------------------- ONNX int8
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Iterable[np.ndarray] | np.ndarray,
+                  input_name: str = "image") -> Path:
+    """Static int8 quantization with ONNX Runtime, calibrated on real preprocessed images.
+
+    `calibration`: float32 batches (N, 3, S, S) or one such array (split into batches of 8).
+
+    Settings, chosen for accuracy and speed on x86-64 CPUs (AVX2 / AVX-512 VNNI):
+
+    * ``quant_pre_process`` first (symbolic shape inference + ORT's basic graph
+      optimisation), so BatchNorm is folded into the convolutions and every tensor has a
+      shape before calibration;
+    * QDQ format (the format ORT's CPU EP fuses into QLinearConv / QGemm kernels);
+    * weights: signed int8, **per output channel**, symmetric;
+    * activations: unsigned uint8 (asymmetric, so post-ReLU tensors use the full range).
+      U8S8 is the combination ORT's x86 MLAS kernels are fastest at (VPDPBUSD /
+      VPMADDUBSW take u8 x s8); ``reduce_range=False`` because per-channel weights
+      with VNNI do not saturate; on pre-VNNI AVX2 hardware the 16-bit intermediate can
+      saturate in rare cases, which the build's AUROC check would catch;
+    * MinMax calibration (Percentile/Entropy were not more accurate here and are much
+      slower); only Conv / Gemm / MatMul and the ops between them are quantized, the
+      softmax head stays fp32.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
+    batches = list(_calibration_batches(calibration))
+    if not batches:
+        raise ValueError("quantize_int8 needs at least one calibration image")
+    with tempfile.TemporaryDirectory(dir=int8_path.parent, prefix=".quant-") as tmp:
+        prepped = Path(tmp) / "prepped.onnx"
+        quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=False)
+        out = Path(tmp) / "int8.onnx"
+        quantize_static(
+            str(prepped), str(out), _Reader(input_name, batches),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+        import onnx
+
+        model = onnx.load(str(out), load_external_data=True)
+    onnx.checker.check_model(model)
+    _save_single_file(model, int8_path)
+    return int8_path
+
+
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "Add", "MaxPool", "GlobalAveragePool", "Relu", "Flatten", "Reshape")
+
+
+def _calibration_batches(calibration: Iterable[np.ndarray] | np.ndarray, size: int = 8) -> Iterator[np.ndarray]:
+    if isinstance(calibration, np.ndarray):
+        arr = np.ascontiguousarray(calibration, dtype=np.float32)
+        if arr.ndim == 3:
+            arr = arr[None]
+        for i in range(0, len(arr), size):
+            yield arr[i:i + size]
+        return
+    for batch in calibration:
+        arr = np.ascontiguousarray(batch, dtype=np.float32)
+        yield arr[None] if arr.ndim == 3 else arr
+
+
+class _Reader:
+    """The CalibrationDataReader protocol over a list of batches."""
+
+    def __init__(self, input_name: str, batches: list[np.ndarray]) -> None:
+        self._name = input_name
+        self._batches = batches
+        self._it = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._it, None)
+        return None if batch is None else {self._name: batch}
+
+    def rewind(self) -> None:
+        self._it = iter(self._batches)
+
+
+# --------------------------------------------------------------------------- parity
+
+def _session(onnx_path: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_predict(onnx_path: Path, inputs: np.ndarray, batch_size: int = DEFAULT_CHUNK) -> np.ndarray:
+    """Run an ONNX file on the CPU EP in chunks; returns outputs with the batch axis first."""
+    sess = _session(onnx_path)
+    name = sess.get_inputs()[0].name
+    x = np.ascontiguousarray(inputs, dtype=np.float32)
+    outs = [sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs, axis=0) if outs else np.zeros((0,), np.float32)
+
+
+def torch_predict(module: nn.Module, inputs: np.ndarray, batch_size: int = DEFAULT_CHUNK) -> np.ndarray:
+    """The eager reference: CPU, eval, inference mode, fp32."""
+    module = module.eval().to("cpu")
+    x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+    with torch.inference_mode():
+        outs = [module(x[i:i + batch_size]).float().numpy() for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs, axis=0) if outs else np.zeros((0,), np.float32)
+
+
+def compare_with_torch(module: nn.Module, onnx_path: Path, inputs: np.ndarray) -> float:
+    """Max absolute difference between the eager module and the ONNX file on the same inputs."""
+    ref = torch_predict(module, inputs)
+    got = onnx_predict(onnx_path, inputs)
+    if ref.shape != got.shape:
+        raise ValueError(f"output shapes differ: torch {ref.shape}, onnx {got.shape}")
+    return float(np.max(np.abs(ref.astype(np.float64) - got.astype(np.float64)))) if ref.size else 0.0
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+def tensorrt_available() -> tuple[bool, str]:
+    """(True, "") when CUDA and torch_tensorrt can be used here; else (False, why not)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (TensorRT needs an NVIDIA GPU)"
+    try:
+        import torch_tensorrt  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - missing or broken install: same answer
+        return False, f"torch_tensorrt is not installed ({exc.__class__.__name__}: {exc})"
+    return True, ""
+
+
+class _Fp16(nn.Module):
+    """fp32 in, fp16 network, fp32 out: the TensorRT program's interface stays fp32."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.half()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.module(image.half()).float()
+
+
+def export_tensorrt(module: nn.Module, path: Path, image_size: int, min_batch: int = 1,
+                    opt_batch: int = 8, max_batch: int = 32) -> Path:
+    """Compile `module` with Torch-TensorRT (dynamo IR, fp16, dynamic batch) and save it.
+
+    The saved file is a ``torch.export`` ExportedProgram (load with ``torch.export.load``
+    after ``import torch_tensorrt``); its input and output are fp32, the network runs in
+    fp16 (explicit typing: the weights are cast to half, which every Torch-TensorRT 2.x
+    honours, whether or not it still supports the deprecated ``enabled_precisions``).
+    Raises UserError when CUDA or torch_tensorrt is missing.
+    """
+    ok, why = tensorrt_available()
+    if not ok:
+        raise UserError(f"{TENSORRT_HINT} ({why})")
+    import copy
+
+    import torch_tensorrt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = _Fp16(copy.deepcopy(module).eval()).eval().cuda()
+    shape = (3, image_size, image_size)
+    spec = torch_tensorrt.Input(
+        min_shape=(min_batch, *shape), opt_shape=(opt_batch, *shape), max_shape=(max_batch, *shape),
+        dtype=torch.float32,
+    )
+    with torch.no_grad():
+        trt_gm = torch_tensorrt.compile(net, ir="dynamo", inputs=[spec], min_block_size=1)
+        torch_tensorrt.save(trt_gm, str(path), output_format="exported_program", inputs=[spec])
+    return path
+
+
+# --------------------------------------------------------------------------- manifest
+
+def backend_record(name: str, file: Path, folder: Path, precision: str, **kw: Any) -> Backend:
+    """The manifest entry of one built file: its path relative to `folder` and its SHA-256."""
+    file, folder = Path(file), Path(folder)
+    try:
+        rel = file.resolve().relative_to(folder.resolve())
+    except ValueError:
+        raise ValueError(f"{file} is not inside the engine folder {folder}") from None
+    return Backend(name=name, file=rel.as_posix(), sha256=sha256_file(file), precision=precision, **kw)
