@@ -36,7 +36,7 @@ DEFAULT_CHUNK = 32
 # --------------------------------------------------------------------------- ONNX fp32
 
 def export_onnx(module: nn.Module, path: Path, image_size: int, input_name: str = "image",
-                output_name: str = "probability", opset: int = 17) -> Path:
+                output_name: str = "probability", opset: int = 18) -> Path:
     """Export `module` (eval, CPU, fp32) to a single self-contained ONNX file with a dynamic batch axis.
 
     Tries the dynamo exporter first (``torch.export`` + ``dynamic_shapes``); if that fails or

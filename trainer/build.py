@@ -1,0 +1,270 @@
+"""`trainer build-engine`: data -> split -> train -> evaluate -> export -> manifest.
+
+The engine is assembled in ``<out>/.<task>.building`` and swapped into
+``<out>/<task>`` only when complete, so a failed build never replaces a working
+engine. Training checkpoints live in ``<out>/.work/<task>`` so an interrupted
+build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import screener
+from screener import manifest as mf
+from screener import preprocessing as pp
+from screener.errors import UserError
+from screener.logs import get_logger
+from trainer import csxa, export, metrics, report
+from trainer.augment import PRESETS
+from trainer.data import PreparedDataset, fingerprint, prepare_samples
+from trainer.model import ProbabilityHead, build_classifier, pick_device
+from trainer.splits import SplitSpec, split_counts, split_groups
+from trainer.train import TrainConfig, predict_proba, train
+
+log = get_logger(__name__)
+
+INT8_TOLERANCE = 0.01  # keep int8 only if its test AUROC is within this of fp32
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    task: str
+    data: Path
+    out: Path
+    recipe: str = "original"
+    image_size: int = 224
+    epochs: int = 30
+    batch_size: int = 16
+    pretrained: Path | None = None
+    checkpoint: Path | None = None
+    backend: str = "onnx"  # onnx | tensorrt | all
+    split_seed: int = 20241122
+    target_sensitivity: float = 0.95
+    augment: str = "study"
+    balance: str = "weights"
+    patience: int = 8
+    validated_by: str = ""
+    version: str = ""
+    demo: bool = False
+    progress: bool = True
+    n_boot: int = 2000
+    stn: bool = False
+
+
+@dataclass
+class PreparedData:
+    samples: list[csxa.Sample]
+    images: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    load_report: csxa.LoadReport
+    fingerprint: str
+
+    def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.flatnonzero(self.splits == name)
+        return self.images[idx], self.labels[idx]
+
+
+def load_prepared(data: Path, rcp: pp.Recipe, spec: SplitSpec, progress: bool) -> PreparedData:
+    """Read the data set, split by patient and prepare every image with the shared preprocessing."""
+    samples, load_report = csxa.load(data, need_keypoints=rcp.needs_box)
+    splits_all = split_groups([s.group for s in samples], [s.label for s in samples], spec)
+    by_id = {s.image_path: sp for s, sp in zip(samples, splits_all)}
+    kept, images = prepare_samples(samples, rcp, load_report, progress=progress)
+    if not kept:
+        raise UserError(f"{data}: no image could be read")
+    labels = np.array([s.label for s in kept], dtype=np.int64)
+    splits = np.array([by_id[s.image_path] for s in kept])
+    for name in ("train", "validation", "test"):
+        part = labels[splits == name]
+        if len(part) == 0 or part.min() == part.max():
+            raise UserError(
+                f"{data}: the {name} split has {len(part)} images and not both classes; "
+                "the data set is too small or too imbalanced to train and evaluate honestly"
+            )
+    return PreparedData(kept, images, labels, splits, load_report, fingerprint(kept, Path(data)))
+
+
+def _work_dir(opts: BuildOptions, rcp: pp.Recipe, fp: str, cfg: TrainConfig) -> Path:
+    """Checkpoint folder; cleared when data, recipe or training settings differ from last time."""
+    work = opts.out / ".work" / opts.task
+    meta = {"fingerprint": fp, "recipe": rcp.to_dict(), "train": cfg.to_dict(), "stn": opts.stn,
+            "pretrained": str(opts.pretrained or ""), "augment": opts.augment, "split_seed": opts.split_seed}
+    meta_file = work / "meta.json"
+    if meta_file.is_file():
+        try:
+            same = json.loads(meta_file.read_text()) == meta
+        except json.JSONDecodeError:
+            same = False
+        if not same:
+            log.info("checkpoints_reset", reason="data or settings changed", dir=str(work))
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    meta_file.write_text(json.dumps(meta, indent=2))
+    return work
+
+
+def build_engine(opts: BuildOptions) -> Path:
+    """Build one engine folder; returns its path."""
+    if opts.task != "spondylosis":
+        raise UserError(f"--task {opts.task}: not available yet (spondylosis only)")
+    if opts.backend not in ("onnx", "tensorrt", "all"):
+        raise UserError(f"--backend {opts.backend}: expected onnx, tensorrt or all")
+    if opts.augment not in PRESETS:
+        raise UserError(f"--augment {opts.augment}: expected one of {', '.join(PRESETS)}")
+    t_start = time.perf_counter()
+    rcp = pp.recipe(opts.recipe, opts.image_size)
+    spec = SplitSpec(seed=opts.split_seed)
+    data = load_prepared(opts.data, rcp, spec, opts.progress)
+    train_x, train_y = data.part("train")
+    val_x, val_y = data.part("validation")
+    test_x, test_y = data.part("test")
+
+    model, pre_info = build_classifier(opts.pretrained, stn=opts.stn)
+    norm = pp.IMAGENET if opts.pretrained else pp.channel_stats(train_x)
+    cfg = TrainConfig(epochs=opts.epochs, batch_size=opts.batch_size, balance=opts.balance,
+                      patience=opts.patience, seed=opts.split_seed % 10_000)
+    device = pick_device()
+    train_ds = PreparedDataset(train_x, train_y, norm, PRESETS[opts.augment], seed=cfg.seed)
+    val_ds = PreparedDataset(val_x, val_y, norm)
+    test_ds = PreparedDataset(test_x, test_y, norm)
+
+    training: dict[str, Any] = {"config": cfg.to_dict(), "augment": opts.augment,
+                                "augment_params": PRESETS[opts.augment].to_dict(), "device": str(device),
+                                "pretrained": dataclasses.asdict(pre_info), "stn": opts.stn,
+                                "architecture": "torchvision resnet50, 2-class head"}
+    if opts.checkpoint:
+        if not opts.checkpoint.is_file():
+            raise UserError(f"--checkpoint {opts.checkpoint}: file not found")
+        try:
+            state = torch.load(opts.checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"--checkpoint {opts.checkpoint}: not a checkpoint of this model ({exc.__class__.__name__})") from None
+        training["checkpoint"] = {"file": opts.checkpoint.name, "sha256": mf.sha256_file(opts.checkpoint)}
+        model.to(device)
+    else:
+        work = _work_dir(opts, rcp, data.fingerprint, cfg)
+        result = train(model, train_ds, val_ds, cfg, work, device, progress=opts.progress)
+        training["result"] = dataclasses.asdict(result)
+
+    p_val = predict_proba(model, val_ds, device)
+    p_test = predict_proba(model, test_ds, device)
+    evaluation = metrics.evaluate(val_y, p_val, test_y, p_test, target_sensitivity=opts.target_sensitivity,
+                                  n_boot=opts.n_boot, seed=0, class_names=csxa.CLASS_NAMES)
+    thr = evaluation.threshold
+
+    building = opts.out / f".{opts.task}.building"
+    if building.exists():
+        shutil.rmtree(building)
+    building.mkdir(parents=True)
+    head = ProbabilityHead(model.to("cpu").eval())
+    backends, backend_metrics = _export_backends(head, building, rcp, opts, train_x, test_x, test_y, norm,
+                                                 evaluation.test.auroc)
+    created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    version = opts.version or f"{created[:10].replace('-', '.')}+{data.fingerprint[:8]}"
+    counts = split_counts(list(data.splits), list(data.labels))
+    extra = {
+        "task": opts.task, "engine_version": version, "recipe": rcp.to_dict(),
+        "data_fingerprint": data.fingerprint, "split_seed": opts.split_seed, "splits": counts,
+        "data_problems": data.load_report.summary(), "pretrained": pre_info.source,
+        "backends": backend_metrics, "validated": bool(opts.validated_by), "demo": opts.demo,
+    }
+    report.write_report(building, evaluation, extra=extra, y_test=test_y, p_test=p_test,
+                        title=f"{opts.task} engine {version}: evaluation on the held-out test split")
+    notes = []
+    if pre_info.source == "random-init":
+        notes.append("trained from random initialisation (no --pretrained weights)")
+    if opts.demo:
+        notes.append("demo engine built from synthetic data: not for clinical use")
+    manifest = mf.Manifest(
+        task=opts.task, version=version, created=created, kind="classifier", input_size=rcp.image_size,
+        input_name="image", output_name="probability", preprocessing=rcp, normalization=norm,
+        class_names=list(csxa.CLASS_NAMES),
+        threshold=mf.Threshold(value=float(thr.threshold), method=thr.method, split=thr.split,
+                               target_sensitivity=thr.target_sensitivity,
+                               achieved_sensitivity=thr.achieved_sensitivity,
+                               achieved_specificity=thr.achieved_specificity),
+        metrics={"test": report.to_jsonable(evaluation.test),
+                 "validation_auroc": evaluation.validation.auroc,
+                 "majority_baseline": report.to_jsonable(evaluation.majority_baseline),
+                 "brier_score": evaluation.brier_score, "backends": backend_metrics},
+        data={"fingerprint": data.fingerprint, "root_name": Path(opts.data).name, "n_images": len(data.labels),
+              "splits": counts, "split_seed": opts.split_seed, "split_method":
+              "stratified by label, grouped by patient (consecutive rows with equal gender and age)",
+              "problems": data.load_report.summary()},
+        training=training, backends=backends,
+        validated=bool(opts.validated_by), validated_by=opts.validated_by, demo=opts.demo,
+        software_version=screener.__version__, notes=notes,
+    )
+    mf.write(manifest, building)
+    mf.load(building, verify=True)  # the node's own check, before the swap
+    final = opts.out / opts.task
+    if final.exists():
+        old = opts.out / f".{opts.task}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+        building.rename(final)
+        shutil.rmtree(old)
+    else:
+        building.rename(final)
+    log.info("engine_built", task=opts.task, version=version, folder=str(final),
+             test_auroc=evaluation.test.auroc, seconds=round(time.perf_counter() - t_start, 1))
+    return final
+
+
+def _export_backends(head: torch.nn.Module, folder: Path, rcp: pp.Recipe, opts: BuildOptions,
+                     train_x: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, norm: pp.Normalization,
+                     torch_auroc: float | None) -> tuple[list[mf.Backend], dict[str, Any]]:
+    """ONNX fp32 + int8 (and TensorRT when asked and possible), each checked against torch."""
+    def tensors(x: np.ndarray) -> np.ndarray:
+        return np.stack([pp.normalize(img, norm) for img in x]) if len(x) else np.zeros((0, 3, rcp.image_size, rcp.image_size), np.float32)
+
+    test_t = tensors(test_x)
+    probe = test_t[: min(16, len(test_t))]
+    backends: list[mf.Backend] = []
+    info: dict[str, Any] = {"torch_test_auroc": torch_auroc}
+    if opts.backend in ("onnx", "all"):
+        fp32 = export.export_onnx(head, folder / "model.onnx", rcp.image_size)
+        diff = export.compare_with_torch(head, fp32, probe)
+        p32 = export.onnx_predict(fp32, test_t)
+        auc32 = metrics.roc_auc(test_y, p32)
+        backends.append(export.backend_record("onnx-fp32", fp32, folder, "fp32", max_abs_diff_vs_torch=diff,
+                                              test_auroc=auc32))
+        calib = tensors(train_x[np.random.default_rng(0).permutation(len(train_x))[:64]])
+        int8 = export.quantize_int8(fp32, folder / "model.int8.onnx", calib)
+        diff8 = export.compare_with_torch(head, int8, probe)
+        auc8 = metrics.roc_auc(test_y, export.onnx_predict(int8, test_t))
+        keep = bool(np.isfinite(auc8) and np.isfinite(auc32) and auc8 >= auc32 - INT8_TOLERANCE)
+        note = (f"kept: test AUROC {auc8:.4f} within {INT8_TOLERANCE} of fp32 {auc32:.4f}" if keep else
+                f"not kept: test AUROC {auc8:.4f} more than {INT8_TOLERANCE} below fp32 {auc32:.4f}")
+        backends.append(export.backend_record("onnx-int8", int8, folder, "int8", kept=keep,
+                                              max_abs_diff_vs_torch=diff8, test_auroc=auc8, note=note))
+        info.update({"onnx_fp32_test_auroc": auc32, "onnx_fp32_max_abs_diff": diff,
+                     "onnx_int8_test_auroc": auc8, "onnx_int8_max_abs_diff": diff8, "onnx_int8_kept": keep})
+        log.info("onnx_exported", max_abs_diff=diff, int8_auroc=auc8, fp32_auroc=auc32, int8_kept=keep)
+    if opts.backend in ("tensorrt", "all"):
+        ok, reason = export.tensorrt_available()
+        if not ok:
+            msg = f"TensorRT backend skipped: {reason}"
+            print(msg)
+            info["tensorrt"] = msg
+            if opts.backend == "tensorrt":
+                raise UserError(f"{msg}. Build with --backend onnx on this host.")
+        else:
+            trt = export.export_tensorrt(head, folder / "model.trt.ep", rcp.image_size)
+            backends.append(export.backend_record("tensorrt-fp16", trt, folder, "fp16"))
+            info["tensorrt"] = "built"
+    return backends, info
