@@ -379,16 +379,19 @@ def rounded_outline(corners: np.ndarray, radius: float, bulge: Sequence[float],
 
 def _spur_polygon(k: np.ndarray, out: np.ndarray, toward: np.ndarray, length: float,
                   u: float, rng: np.random.Generator) -> np.ndarray:
-    """Beak-like osteophyte at corner keypoint `k`, growing along `out` and bending `toward` the disc."""
-    a, b = rng.uniform(0.6, 0.95), rng.uniform(0.45, 0.95)
-    w_wall = u * rng.uniform(0.22, 0.34) + 0.3 * length
-    w_plate = u * rng.uniform(0.12, 0.22) + 0.2 * length
-    base_wall = k - toward * w_wall + out * 0.02 * u
-    base_plate = k - out * w_plate + toward * 0.02 * u
+    """Beak-like osteophyte at corner keypoint `k`: it flares out of the wall (`-toward` side), passes
+    outside the corner along `out` and hooks `toward` the disc, ending in a blunt tip."""
+    a, b = rng.uniform(0.7, 1.0), rng.uniform(0.45, 0.9)
+    w_wall = u * rng.uniform(0.25, 0.4) + 0.5 * length
+    w_plate = u * rng.uniform(0.08, 0.15) + 0.1 * length
+    base_wall = k - toward * w_wall
+    base_plate = k - out * w_plate
     tip = k + out * length * a + toward * length * b
-    outer = _bezier(base_wall, k + out * length * a * 0.95 - toward * 0.1 * w_wall, tip, 9)
-    inner = _bezier(tip, k + out * length * 0.25 + toward * length * b * 0.55, base_plate, 9)
-    return np.concatenate([outer, inner[1:]])
+    tip_w = max(0.03 * u, 0.14 * length)
+    outer = _bezier(base_wall, k + out * length * a * 1.05 - toward * 0.15 * w_wall, tip + out * tip_w * 0.5, 10)
+    inner = _bezier(tip - out * tip_w * 0.5, k + out * length * a * 0.55 + toward * length * b * 0.15,
+                    base_plate, 10)
+    return np.concatenate([outer, inner])
 
 
 def _curve_phis(curvature: int, curve_deg: float, tilt: float) -> np.ndarray:
@@ -431,12 +434,13 @@ def build_spine(anat: Anatomy, u: float, origin: np.ndarray, tilt: float, curve_
     # odontoid peg on top of C2, slightly posterior, rounded tip
     d0 = np.array([math.sin(phis[0]), math.cos(phis[0])])
     p0 = np.array([math.cos(phis[0]), -math.sin(phis[0])])
-    base = (corners[0][0] + corners[0][1]) / 2 + p0 * 0.08 * u
+    tl, tr = corners[0][0], corners[0][1]
+    base = (tl + tr) / 2 + p0 * 0.06 * u
     dh, dw = anat.dens[0] * u, anat.dens[1] * u
     lean = rng.uniform(-0.1, 0.05) * u
-    dens_q = np.array([base - p0 * dw / 2 + d0 * 0.15 * u, base - d0 * dh - p0 * dw / 2.6 + p0 * lean,
-                       base - d0 * dh + p0 * dw / 2.6 + p0 * lean, base + p0 * dw / 2 + d0 * 0.15 * u])
-    dens, _ = rounded_outline(dens_q, dw * 0.4, (0.08, 0.03, 0.0, 0.03))
+    dens_q = np.array([tl + (tr - tl) * 0.12 + d0 * 0.35 * u, base - d0 * dh - p0 * dw * 0.42 + p0 * lean,
+                       base - d0 * dh + p0 * dw * 0.42 + p0 * lean, tr - (tr - tl) * 0.1 + d0 * 0.35 * u])
+    dens, _ = rounded_outline(dens_q, dw * 0.42, (0.1, -0.06, 0.0, -0.08))
 
     spurs: list[tuple[int, np.ndarray]] = []
     scler: list[tuple[int, int, float]] = []
@@ -540,24 +544,26 @@ def _draw_vertebra(att: np.ndarray, texture: np.ndarray, spine: Spine, i: int, m
                    mu_rim: float, rim_px: float, rng: np.random.Generator) -> None:
     """Body (+ dens for C2, + osteophytes) with cancellous fill, cortical rim and sclerotic endplates."""
     polys = [spine.outlines[i]] + ([spine.dens] if i == 0 else []) + [p for b, p in spine.spurs if b == i]
-    box = _roi(np.concatenate(polys), rim_px * 3 + 4, att.shape)
+    box = _roi(np.concatenate(polys), rim_px * 3 + 4 + 0.3 * spine.u, att.shape)
     if box is None:
         return
     x0, y0, x1, y1 = box
     off = np.array([x0, y0], dtype=np.float64)
     mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
-    cv2.fillPoly(mask, [_fixed(p, off) for p in polys], 255, cv2.LINE_AA, _SHIFT)
+    for poly in polys:  # one call per polygon: overlapping polygons must not cancel (even-odd fill)
+        cv2.fillPoly(mask, [_fixed(poly, off)], 255, cv2.LINE_AA, _SHIFT)
     k = max(3, int(round(rim_px)) * 2 + 1)
     inner = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
     body = mask.astype(np.float32) / 255.0
     rim = (mask - inner).astype(np.float32) / 255.0
-    if i == 0:  # the C2 body/dens junction shows a faint sclerotic line (synchondrosis remnant)
+    subcortical = cv2.GaussianBlur(rim, (0, 0), max(1.0, 0.12 * spine.u)) * body
+    if i == 0:  # faint sclerotic line at the C2 body/dens junction (synchondrosis remnant)
         c = spine.corners[0]
         line = np.zeros_like(mask)
-        a, b = c[0] + (c[3] - c[0]) * 0.22, c[1] + (c[2] - c[1]) * 0.18
+        a, b = c[0] + (c[3] - c[0]) * 0.2, c[1] + (c[2] - c[1]) * 0.15
         cv2.polylines(line, [_fixed(np.array([a, (a + b) / 2 - (c[3] - c[0]) * 0.05, b]), off)], False, 255,
                       max(1, int(rim_px * 0.6)), cv2.LINE_AA, _SHIFT)
-        rim += 0.35 * line.astype(np.float32) / 255.0 * body
+        rim += 0.3 * line.astype(np.float32) / 255.0 * body
     scl = np.zeros_like(body)
     for b, edge, strength in spine.sclerosis:
         if b != i:
@@ -566,15 +572,15 @@ def _draw_vertebra(att: np.ndarray, texture: np.ndarray, spine: Spine, i: int, m
         p0, p1 = (c[0], c[1]) if edge == 0 else (c[3], c[2])
         inward = ((c[3] + c[2]) / 2 - (c[0] + c[1]) / 2) * (1 if edge == 0 else -1)
         inward = inward / np.linalg.norm(inward)
-        width = spine.u * (0.08 + 0.1 * min(strength, 1.2)) * rng.uniform(0.85, 1.15)
+        width = spine.u * (0.07 + 0.09 * min(strength, 1.2)) * rng.uniform(0.85, 1.15)
         lm = np.zeros_like(mask)
-        seg = np.array([p0 + inward * width * 0.45, p1 + inward * width * 0.45])
+        seg = np.array([p0 + inward * width * 0.5, p1 + inward * width * 0.5])
         cv2.polylines(lm, [_fixed(seg, off)], False, 255, max(2, int(round(width))), cv2.LINE_AA, _SHIFT)
-        lm = cv2.GaussianBlur(lm, (0, 0), max(0.6, width * 0.2))
-        scl = np.maximum(scl, lm.astype(np.float32) / 255.0 * strength)
+        lm = cv2.GaussianBlur(lm.astype(np.float32) / 255.0, (0, 0), max(0.6, width * 0.25))
+        scl = np.maximum(scl, lm * strength)
     tex = texture[y0:y1, x0:x1]
-    a = body * mu_body * tex + rim * mu_rim + scl * body * mu_rim * 0.9
-    a = cv2.GaussianBlur(a, (0, 0), max(0.5, rim_px * 0.35))
+    a = body * mu_body * tex + rim * mu_rim + subcortical * mu_rim * 0.35 + scl * body * mu_rim * 0.8
+    a = cv2.GaussianBlur(a, (0, 0), max(0.5, rim_px * 0.3))
     att[y0:y1, x0:x1] += a
 
 
@@ -586,26 +592,29 @@ def _draw_posterior(att: np.ndarray, spine: Spine, mu: float, rng: np.random.Gen
         c = spine.corners[i]
         wall = (c[1] + c[2]) / 2
         h = np.linalg.norm(c[2] - c[1])
-        pc = wall + p * u * rng.uniform(0.65, 0.85) + d * 0.1 * u
-        skew = d * 0.15 * u
-        pillar = np.array([pc - p * 0.42 * u - d * 0.55 * h - skew, pc + p * 0.42 * u - d * 0.55 * h + skew,
-                           pc + p * 0.42 * u + d * 0.6 * h + skew, pc - p * 0.42 * u + d * 0.6 * h - skew])
-        _stamp(att, [pillar], mu * rng.uniform(0.8, 1.1), sigma=0.08 * u)
-        length = u * (1.4 + 0.15 * i + (0.8 if i in (0, 5) else 0.0)) * rng.uniform(0.85, 1.15)
-        root = pc + p * 0.35 * u
-        tip = root + p * length + d * (0.25 + 0.08 * i) * length
-        half = (0.32 if i == 0 else 0.22) * u
-        spinous = np.array([root - d * half, tip - d * half * 0.35, tip + d * half * 0.35, root + d * half])
-        _stamp(att, [spinous], mu * rng.uniform(0.9, 1.2), sigma=0.07 * u)
-        _stamp(att, [spinous], mu * 0.5, sigma=0.04 * u, thickness=max(1, int(0.05 * u)))
+        pc = wall + p * u * rng.uniform(0.7, 0.9) + d * 0.15 * u
+        pw = 0.4 * u
+        pillar = np.array([pc - p * pw - d * 0.55 * h, pc + p * pw - d * 0.62 * h,
+                           pc + p * pw + d * 0.6 * h, pc - p * pw + d * 0.68 * h])
+        pol, _ = rounded_outline(pillar, 0.15 * u, (0.05, 0.05, 0.05, 0.05))
+        _stamp(att, [pol], mu * rng.uniform(0.8, 1.1), sigma=0.1 * u)
+        _stamp(att, [pol], mu * 0.35, sigma=0.05 * u, thickness=max(1, int(0.06 * u)))
+        length = u * (1.3 + 0.12 * i + (0.9 if i in (0, 5) else 0.0)) * rng.uniform(0.85, 1.15)
+        root = pc + p * 0.3 * u
+        tip = root + p * length + d * (0.25 + 0.07 * i) * length
+        half = (0.35 if i == 0 else 0.24) * u
+        spinous = np.concatenate([_bezier(root - d * half, (root + tip) / 2 - d * half * 0.5, tip - d * 0.1 * u, 8),
+                                  _bezier(tip + d * 0.12 * u, (root + tip) / 2 + d * half * 0.4, root + d * half, 8)])
+        _stamp(att, [spinous], mu * rng.uniform(0.8, 1.05), sigma=0.08 * u)
+        _stamp(att, [spinous], mu * 0.35, sigma=0.05 * u, thickness=max(1, int(0.06 * u)))
     # C1: anterior arch in front of the dens, posterior arch behind it
     d, p = spine.axes(0)
     dens_mid = spine.dens.mean(axis=0)
-    ant = dens_mid - p * (0.62 * u) - d * 0.1 * u
-    post = dens_mid + p * (2.1 * u) - d * 0.25 * u
+    ant = dens_mid - p * (0.62 * u) - d * 0.15 * u
+    post = dens_mid + p * (2.1 * u) - d * 0.3 * u
     t = np.linspace(0, 2 * np.pi, 24)[:, None]
-    _stamp(att, [ant + p * 0.2 * u * np.cos(t) + d * 0.3 * u * np.sin(t)], mu * 1.6, sigma=0.05 * u)
-    _stamp(att, [post + p * 0.75 * u * np.cos(t) + d * 0.2 * u * np.sin(t)], mu * 1.2, sigma=0.06 * u)
+    _stamp(att, [ant + p * 0.2 * u * np.cos(t) + d * 0.3 * u * np.sin(t)], mu * 1.4, sigma=0.06 * u)
+    _stamp(att, [post + p * 0.75 * u * np.cos(t) + d * 0.2 * u * np.sin(t)], mu * 1.1, sigma=0.07 * u)
 
 
 def _lowres_noise(rng: np.random.Generator, shape: tuple[int, int], cell: float) -> np.ndarray:
@@ -615,86 +624,108 @@ def _lowres_noise(rng: np.random.Generator, shape: tuple[int, int], cell: float)
     return cv2.resize(g, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC)
 
 
-def _soft_tissue(rng: np.random.Generator, view: View, f: int) -> np.ndarray:
-    """Low-resolution attenuation of air, neck, head, shoulders and airway (downsampled by f)."""
+def _ellipsoid(X: np.ndarray, Y: np.ndarray, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
+    """Projected thickness (0..1) of an ellipsoid: the soft-tissue building block."""
+    return np.sqrt(np.clip(1.0 - ((X - cx) / rx) ** 2 - ((Y - cy) / ry) ** 2, 0.0, None))
+
+
+def _jaw_angle(rng: np.random.Generator, spine: Spine) -> np.ndarray:
+    """Position of the mandibular angle, in front of C2/C3; the face and mandible hang from it."""
+    c2, u = spine.corners[0], spine.u
+    return (c2[3] + c2[0]) / 2 + np.array([-rng.uniform(1.0, 1.8) * u, rng.uniform(-0.2, 0.8) * u])
+
+
+def _soft_tissue(rng: np.random.Generator, view: View, jaw: np.ndarray, f: int) -> np.ndarray:
+    """Low-resolution attenuation of air, neck, head, jaw, shoulders and airway (downsampled by f)."""
     sp, u = view.spine, view.spine.u
     hl, wl = -(-view.height // f), -(-view.width // f)
     ys = (np.arange(hl, dtype=np.float32) + 0.5) * f
     xs = (np.arange(wl, dtype=np.float32) + 0.5) * f
     centres = sp.corners.mean(axis=1)
     coef = np.polyfit(centres[:, 1], centres[:, 0], 2 if rng.random() < 0.7 else 1)
-    xc = np.polyval(coef, ys).astype(np.float32)[:, None]
+    xc = np.polyval(coef, np.clip(ys, centres[0, 1] - 3 * u, centres[5, 1] + 3 * u)).astype(np.float32)[:, None]
     X, Y = xs[None, :], ys[:, None]
-    ant, post = rng.uniform(2.3, 3.2) * u, rng.uniform(3.6, 5.0) * u
+    top = float(sp.dens[:, 1].min())
+    x_top = float(centres[0, 0])
+    # neck: a cylinder following the spine, slightly wider towards the shoulders
+    ant, post = rng.uniform(3.0, 3.8) * u, rng.uniform(4.8, 6.2) * u
+    widen = 1.0 + 0.08 * np.clip((Y - centres[3, 1]) / (4 * u), -1, 2)
     mid = xc + (post - ant) / 2
-    r = (ant + post) / 2
+    r = (ant + post) / 2 * widen
     neck = np.sqrt(np.clip(1.0 - ((X - mid) / r) ** 2, 0, None))
-    mu_t = rng.uniform(0.65, 0.95)
-    a = mu_t * (0.35 + 0.65 * neck)
-    a *= np.clip((neck > 0) + 0.0, 0, 1)
-    # head: above the dens on the posterior side, lower (jaw) on the anterior side
-    y_head = float(sp.dens[:, 1].min()) + rng.uniform(-0.3, 0.8) * u + np.clip(xc - X, 0, None) * rng.uniform(0.2, 0.45)
-    head = np.clip((y_head - Y) / (1.5 * u), 0, 1)
-    head = head * head * (3 - 2 * head)
-    a += rng.uniform(0.5, 1.0) * head
-    # shoulders: thicker below about C7
-    y_sh = float(centres[5, 1]) + rng.uniform(-1.0, 1.8) * u
-    sh = np.clip((Y - y_sh) / (2.0 * u), 0, 1)
-    a += rng.uniform(0.15, 0.9) * sh * sh * (3 - 2 * sh) * np.exp(-((X - mid) / (7 * u)) ** 2)
-    # airway: darker band in front of the bodies
-    pts = []
-    for i in range(6):
-        _, p = sp.axes(i)
-        wall = (sp.corners[i][0] + sp.corners[i][3]) / 2
-        pts.append(wall - p * u * (0.75 if i < 3 else 1.35) * rng.uniform(0.9, 1.2))
-    pts = np.array(pts)
-    pts = np.concatenate([pts[:1] - (pts[1] - pts[0]) * 2, pts, pts[-1:] + (pts[-1] - pts[-2]) * 2])
+    ry = rng.uniform(7.0, 9.0) * u
+    head = _ellipsoid(X, Y, x_top + rng.uniform(0.5, 2.0) * u, top + rng.uniform(-0.3, 0.6) * u - ry,
+                      rng.uniform(8.0, 11.0) * u, ry)
+    fy = rng.uniform(2.4, 3.0) * u
+    face = _ellipsoid(X, Y, float(jaw[0]) - rng.uniform(3.0, 3.8) * u, float(jaw[1]) + 0.35 * u - fy,
+                      rng.uniform(3.6, 4.4) * u, fy)
+    y_sh = float(centres[5, 1]) + rng.uniform(-0.5, 2.5) * u
+    shoulders = _ellipsoid(X, Y, float(mid[-1, 0]) + rng.uniform(0, 2) * u, y_sh + 5.5 * u,
+                           rng.uniform(7.0, 10.0) * u, 6.0 * u)
+    mu_t = rng.uniform(0.6, 0.9)
+    a = mu_t * (neck + 0.85 * np.maximum(head, face ** 2)) + rng.uniform(0.1, 1.0) * shoulders
+    # airway: darker band in front of the bodies (pharynx above, trachea below), a smooth curve
+    walls = np.array([(sp.corners[i][0] + sp.corners[i][3]) / 2 - sp.axes(i)[1] * u * (0.75 + 0.55 * i / 5)
+                      for i in range(6)])
+    depth = rng.uniform(0.9, 1.2)
+    yy = np.linspace(walls[0, 1] - 4 * u, walls[5, 1] + 4 * u, 40)
+    fit = np.polyfit(walls[:, 1], walls[:, 0] - (walls[:, 0] - centres[:, 0]) * (1 - depth), 2)
+    pts = np.stack([np.polyval(fit, yy), yy], axis=1)
     m = np.zeros((hl, wl), np.uint8)
     cv2.polylines(m, [_fixed(pts / f)], False, 255, max(1, int(rng.uniform(0.5, 0.9) * u / f)), cv2.LINE_AA, _SHIFT)
     m = cv2.GaussianBlur(m.astype(np.float32) / 255.0, (0, 0), max(0.8, 0.2 * u / f))
-    a -= m * rng.uniform(0.25, 0.45) * mu_t * (neck > 0)
-    a = cv2.GaussianBlur(a.astype(np.float32), (0, 0), max(0.8, 0.12 * u / f))
+    a -= m * rng.uniform(0.15, 0.35) * mu_t * np.clip(neck * 2, 0, 1)
+    a = cv2.GaussianBlur(a.astype(np.float32), (0, 0), max(0.8, 0.15 * u / f))
     a += rng.uniform(0.01, 0.05) + 0.02 * (Y / view.height)
-    a *= 1.0 + 0.08 * _lowres_noise(rng, (hl, wl), 6 * u / f)
+    a *= 1.0 + 0.06 * _lowres_noise(rng, (hl, wl), 5 * u / f)
     return np.clip(a, 0, None).astype(np.float32)
 
 
-def _draw_mandible(att: np.ndarray, spine: Spine, rng: np.random.Generator) -> None:
+def _draw_mandible(att: np.ndarray, spine: Spine, angle: np.ndarray, rng: np.random.Generator) -> None:
+    """Faint mandible (ramus, angle and inferior border), hyoid and occiput."""
     u = spine.u
-    c2 = spine.corners[0]
-    angle = (c2[3] + c2[0]) / 2 + np.array([-rng.uniform(1.3, 2.2) * u, rng.uniform(0.0, 0.9) * u])
-    body = np.array([angle, angle + np.array([-2.5 * u, -0.6 * u]), angle + np.array([-6 * u, -1.2 * u])])
-    ramus = np.array([angle, angle + np.array([0.35 * u, -1.8 * u]), angle + np.array([0.5 * u, -3.6 * u])])
-    mu = rng.uniform(0.12, 0.25)
-    thick = max(2, int(0.55 * u))
-    _stamp(att, [body, ramus], mu, sigma=0.15 * u, thickness=thick)
-    _stamp(att, [body, ramus], mu * 0.8, sigma=0.05 * u, thickness=max(1, int(0.08 * u)))
-    # occiput above-behind C1
-    occ = spine.dens[np.argmin(spine.dens[:, 1])] + np.array([1.2 * u, -0.9 * u])
-    t = np.linspace(-0.2, 1.3, 20)[:, None]
-    arc = occ + np.hstack([np.cos(t) * 3.5 * u, -np.sin(t) * 1.4 * u]) - np.array([0.0, 0.0])
-    _stamp(att, [arc], rng.uniform(0.3, 0.55), sigma=0.12 * u, thickness=max(2, int(0.4 * u)))
+    border = _bezier(angle, angle + np.array([-2.0 * u, 0.3 * u]), angle + np.array([-5.0 * u, -0.4 * u]), 12)
+    ramus = _bezier(angle, angle + np.array([0.45 * u, -1.0 * u]), angle + np.array([0.2 * u, -3.4 * u]), 10)
+    mu = rng.uniform(0.08, 0.16)
+    bone = np.concatenate([ramus[::-1], border[1:]])
+    inner = bone + np.array([-0.35 * u, -0.45 * u])
+    _stamp(att, [np.concatenate([bone, inner[::-1]])], mu, sigma=0.12 * u)
+    _stamp(att, [bone], mu * 1.2, sigma=0.05 * u, thickness=max(1, int(0.09 * u)))
+    if rng.random() < 0.6:  # hyoid in front of C3
+        c3 = spine.corners[1]
+        hy = (c3[0] + c3[3]) / 2 + np.array([-rng.uniform(1.6, 2.1) * u, rng.uniform(0.0, 0.8) * u])
+        t = np.linspace(0, 2 * np.pi, 16)[:, None]
+        _stamp(att, [hy + np.hstack([np.cos(t) * 0.35 * u, np.sin(t) * 0.12 * u])], mu * 1.5, sigma=0.06 * u)
+    # skull base: part of a large ellipse above and behind the dens
+    tip = spine.dens[np.argmin(spine.dens[:, 1])]
+    centre = tip + np.array([rng.uniform(0.5, 1.5) * u, -rng.uniform(3.5, 4.5) * u])
+    t = np.linspace(math.radians(-5), math.radians(75), 24)[:, None]
+    rx, ry = rng.uniform(4.0, 5.5) * u, rng.uniform(3.2, 4.0) * u
+    arc = centre + np.hstack([np.cos(t) * rx, np.sin(t) * ry])
+    _stamp(att, [arc], rng.uniform(0.15, 0.3), sigma=0.25 * u, thickness=max(2, int(0.6 * u)))
+    _stamp(att, [arc], rng.uniform(0.08, 0.15), sigma=0.06 * u, thickness=max(1, int(0.1 * u)))
 
 
 def render(view: View, rng: np.random.Generator) -> np.ndarray:
     """Float32 image in [0, 1] (bright = bone) of one view, before overlays and output mode."""
     h, w, sp, u = view.height, view.width, view.spine, view.spine.u
     f = 4
-    low = _soft_tissue(rng, view, f)
+    jaw = _jaw_angle(rng, sp)
+    low = _soft_tissue(rng, view, jaw, f)
     att = cv2.resize(low, (w, h), interpolation=cv2.INTER_LINEAR)
     if rng.random() < 0.85:
-        _draw_mandible(att, sp, rng)
+        _draw_mandible(att, sp, jaw, rng)
     _draw_posterior(att, sp, rng.uniform(0.12, 0.22), rng)
-    texture = 1.0 + 0.13 * _lowres_noise(rng, (h, w), max(2.0, 0.12 * u))
-    texture += 0.06 * _lowres_noise(rng, (h, w), max(2.0, 0.5 * u))
-    mu_body, mu_rim = rng.uniform(0.35, 0.55), rng.uniform(0.4, 0.65)
-    rim_px = max(1.0, 0.065 * u * rng.uniform(0.8, 1.2))
+    texture = 1.0 + 0.14 * _lowres_noise(rng, (h, w), max(2.0, 0.07 * u))
+    texture += 0.08 * _lowres_noise(rng, (h, w), max(2.0, 0.4 * u))
+    mu_body, mu_rim = rng.uniform(0.28, 0.42), rng.uniform(0.28, 0.45)
+    rim_px = max(1.0, 0.06 * u * rng.uniform(0.8, 1.2))
     for i in range(6):
         _draw_vertebra(att, texture, sp, i, mu_body * rng.uniform(0.93, 1.07), mu_rim, rim_px, rng)
     img = 1.0 - np.exp(-att)
     img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.1) * max(1.0, u / 60))
     # exposure / window / gamma, heel effect, noise
-    lo, hi = rng.uniform(-0.06, 0.06), rng.uniform(0.82, 1.0)
+    lo, hi = rng.uniform(-0.06, 0.06), rng.uniform(0.9, 1.02)
     img = np.clip((img - lo) / (hi - lo), 0, 1) ** rng.uniform(0.75, 1.3)
     yy = np.linspace(-1, 1, h, dtype=np.float32)[:, None]
     img *= 1.0 + rng.uniform(-0.06, 0.06) * yy
@@ -863,8 +894,8 @@ def measurements(view: View) -> dict[str, float]:
         v = pt(f"{level} bottom right") - pt(f"{level} bottom left")
         return math.degrees(math.atan2(-v[1], v[0]))  # + = endplate rising towards posterior
 
-    # lordosis makes the C2 endplate rise posteriorly relative to C7's (positive Cobb)
-    cobb = slope("C2") - slope("C7")
+    # lordosis: the endplates fan open anteriorly, C7's rising more towards posterior (positive Cobb)
+    cobb = slope("C7") - slope("C2")
     a, b = pt("C2 bottom right"), pt("C7 bottom right")
     ab = b - a
     length = float(np.linalg.norm(ab))
@@ -872,7 +903,7 @@ def measurements(view: View) -> dict[str, float]:
     for lv in ("C3", "C4", "C5", "C6"):
         q = pt(f"{lv} bottom right") - a
         cci += (ab[0] * q[1] - ab[1] * q[0]) / length  # > 0 when the point lies anterior (image-left)
-    cci = -cci / length * 100 if ab[1] > 0 else 0.0
+    cci = cci / length * 100 if length > 0 else 0.0
     out = {"C2-7Cobb": cobb, "CCI": cci,
            "C2-7 SVA (pixel)": float(pt("C7 top right")[0] - pt("C2 centroid")[0]),
            "C2 slope (degree)": slope("C2"), "C7 slope (degree)": slope("C7")}

@@ -133,7 +133,7 @@ def train(model: nn.Module, train_ds: PreparedDataset, val_ds: PreparedDataset, 
             loss = criterion(model(x), y)
             loss.backward()
             opt.step()
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
             n += len(y)
             bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
         sched.step()
