@@ -1,0 +1,160 @@
+"""`screener`: run the node, look at its state, re-send results, replay a folder."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from screener import config, logs
+from screener.errors import UserError
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present)")
+    p.add_argument("--var", dest="var_dir", help="spool and database folder (overrides node.var_dir)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="screener", description="Cervical spine radiograph screening node")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the DICOM node")
+    _add_config(s)
+    s.add_argument("--port", type=int, help="listening port (default 11112)")
+    s.add_argument("--ae-title", help="our AE title (default CSPINE)")
+    s.add_argument("--destination", action="append", default=[], metavar="AET@HOST:PORT",
+                   help="where SRs are sent (repeatable; replaces the configured destinations)")
+    st = sub.add_parser("status", help="counts per state, failures, engines")
+    _add_config(st)
+    r = sub.add_parser("resend", help="re-queue failed studies (all, or the given Study Instance UIDs)")
+    _add_config(r)
+    r.add_argument("study_uid", nargs="*")
+    c = sub.add_parser("complete", help="screen a study now instead of waiting for study_stable_s")
+    _add_config(c)
+    c.add_argument("study_uid", nargs="+")
+    return p
+
+
+def load_settings(args: argparse.Namespace) -> config.Settings:
+    path = args.config
+    if path is None and Path("config.toml").is_file():
+        path = Path("config.toml")
+    settings = config.load(path)
+    dests = [config.parse_destination(d) for d in getattr(args, "destination", []) or []]
+    return config.with_overrides(settings, port=getattr(args, "port", None), ae_title=getattr(args, "ae_title", None),
+                                 var_dir=args.var_dir, destinations=dests or None)
+
+
+def cmd_serve(settings: config.Settings) -> int:
+    from screener.service import Node
+
+    node = Node(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        node.start()
+    except OSError as exc:
+        node.store.close()
+        raise UserError(f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror or exc}") from None
+    print(f"screener: {settings.node.ae_title} listening on port {node.port}; Ctrl-C to stop", file=sys.stderr)
+    try:
+        node.wait(stop)
+    finally:
+        node.stop()
+    return 0
+
+
+def cmd_status(settings: config.Settings) -> int:
+    from screener.manifest import load as load_manifest
+    from screener.runtime import choose_backend
+    from screener.store import Store
+
+    var = Path(settings.node.var_dir)
+    if not (var / "screener.db").is_file():
+        print(f"no node state in {var} yet (start it with `screener serve`)")
+    else:
+        store = Store.open(var, recover=False)
+        try:
+            counts = store.counts()
+            for kind, per_state in counts.items():
+                line = ", ".join(f"{k} {v}" for k, v in sorted(per_state.items())) or "none"
+                print(f"{kind}: {line}")
+            failures = store.failures(20)
+            if failures:
+                print("failures:")
+                for f in failures:
+                    dest = f" -> {f.destination}" if f.destination else ""
+                    print(f"  {f.kind} {f.uid}{dest}: {f.state}: {f.reason}")
+        finally:
+            store.close()
+    print("engines:")
+    for name in settings.engines.enabled:
+        folder = Path(settings.engines.dir) / name
+        try:
+            man = load_manifest(folder, verify=True)
+            b = choose_backend(man, settings.engines.backend)
+            flags = ("validated" if man.validated else "NOT validated") + (", demo" if man.demo else "")
+            print(f"  {name}: version {man.version}, backend {b.name}, threshold {man.threshold.value if man.threshold else '-'}"
+                  f", {flags}")
+        except UserError as exc:
+            print(f"  {name}: NOT LOADABLE: {exc}")
+    return 0
+
+
+def cmd_resend(settings: config.Settings, uids: list[str]) -> int:
+    from screener.store import Store
+
+    store = Store.open(Path(settings.node.var_dir), recover=False)
+    try:
+        n = 0
+        for uid in uids or [None]:
+            n += store.requeue_failed(uid)
+            for st in store.studies_in("failed"):
+                if (uid is None or st.study_uid == uid) and not st.sr_path:
+                    store.set_study_state(st.study_uid, "complete", "re-queued by screener resend")
+                    n += 1
+    finally:
+        store.close()
+    print(f"re-queued {n} item(s); a running node picks them up on its next pass")
+    return 0
+
+
+def cmd_complete(settings: config.Settings, uids: list[str]) -> int:
+    from screener.store import Store
+
+    store = Store.open(Path(settings.node.var_dir), recover=False)
+    try:
+        for uid in uids:
+            print(f"{uid}: {'complete' if store.force_complete(uid) else 'not receiving (unchanged)'}")
+    finally:
+        store.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings(args)
+        logs.configure(settings.logging.renderer, settings.logging.level)
+        if args.command == "serve":
+            return cmd_serve(settings)
+        if args.command == "status":
+            return cmd_status(settings)
+        if args.command == "resend":
+            return cmd_resend(settings, args.study_uid)
+        if args.command == "complete":
+            return cmd_complete(settings, args.study_uid)
+    except UserError as exc:
+        print(f"screener: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
