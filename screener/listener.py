@@ -10,8 +10,10 @@ DX Image Storage for Presentation (1.2.840.10008.5.1.4.1.1.1.1) and for Processi
 Any other SOP class (a CT image, an SR, ...) is refused at association negotiation: its
 presentation context is answered "abstract syntax not supported", the association itself is still
 accepted for the contexts we do support, and the node keeps serving. A sender never gets as far as
-a C-STORE for it; storescu reports "No presentation context for: CTImageStorage" and pynetdicom's
-``send_c_store`` raises ValueError. That is the standard way to refuse a SOP class and keeps
+a C-STORE for it: storescu reports "No presentation context for: CTImageStorage"; pynetdicom's
+SCU aborts an association in which no context was accepted, and its ``send_c_store`` raises
+ValueError for the refused class inside a mixed association. The ``association_accepted`` log event
+lists the refused SOP classes. That is the standard way to refuse a SOP class and keeps
 auto-forwarding PACS rules from queueing retries of images this node will never screen.
 
 Access control, checked in an EVT_REQUESTED handler before negotiation, each refusal logged with

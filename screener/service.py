@@ -17,6 +17,7 @@ restart resumes where the node stopped.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -129,11 +130,13 @@ class Node:
         self.listener.start()
         sched = self.settings.schedule
         s = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
-        tick = max(0.2, min(1.0, sched.study_stable_s / 4))
-        s.add_job(self.tick, "interval", seconds=tick, id="complete-screen-send", next_run_time=None)
+        tick = max(0.2, min(sched.batch_interval_s, sched.study_stable_s / 4))
+        s.add_job(self.tick, "interval", seconds=tick, id="complete-and-screen", next_run_time=_now_dt())
+        s.add_job(self.send_job, "interval", seconds=min(1.0, sched.send_backoff_s), id="send",
+                  next_run_time=_now_dt())
         s.add_job(self.apply_retention, "interval", hours=6, id="retention")
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)  # "skipped: already running" is normal
         s.start()
-        s.get_job("complete-screen-send").modify(next_run_time=_now_dt())
         self._scheduler = s
         log.info("node_started", ae_title=self.settings.node.ae_title, port=self.port,
                  engines={k: f"{v.manifest.version} ({v.backend.name})" for k, v in self.engines.items()},
@@ -161,9 +164,14 @@ class Node:
             self.store.complete_studies(self.settings.schedule.study_stable_s, now)
             while self.screen_batch():
                 pass
-            self.send_due()
         except Exception:  # noqa: BLE001 - a job must never die; the next tick retries
-            log.exception("job_failed", job="tick")
+            log.exception("job_failed", job="complete-and-screen")
+
+    def send_job(self) -> None:
+        try:
+            self.send_due()
+        except Exception:  # noqa: BLE001
+            log.exception("job_failed", job="send")
 
     def screen_batch(self) -> int:
         """Screen up to batch_max_size images of complete studies; returns studies handled."""

@@ -932,9 +932,10 @@ class Store:
         self, older_than_days: float, now: float | None = None, states: Iterable[str] = ("sent",)
     ) -> int:
         """Delete studies in `states` (default: sent) not updated for `older_than_days`: rows first
-        (instances, results, outbox; events are kept as the audit trail), then their spool files.
-        A crash in between leaves unreferenced files, which the next recovery removes. Returns the
-        number of studies purged."""
+        (instances, results, outbox; events are kept as the audit trail), then their spool files and
+        the node's own SR copy (an ``sr_path`` relative to var_dir; a copy in ``sr_folder`` is never
+        touched). A crash in between leaves unreferenced spool files, which the next recovery
+        removes. Returns the number of studies purged."""
         now = self._now(now)
         states = list(states)
         for s in states:
@@ -952,15 +953,23 @@ class Store:
             paths: list[str] = []
             for uid in uids:
                 paths += [r[0] for r in c.execute("SELECT path FROM instances WHERE study_uid = ?", (uid,))]
+                sr = c.execute("SELECT sr_path FROM studies WHERE study_uid = ?", (uid,)).fetchone()[0]
+                if sr and not Path(sr).is_absolute() and ".." not in Path(sr).parts:
+                    paths.append(sr)
                 # ON DELETE CASCADE removes instances, results and outbox rows.
                 c.execute("DELETE FROM studies WHERE study_uid = ?", (uid,))
                 self._event(c, now, "purge", uid, "purged", f"retention {older_than_days:g} days")
+        folders: set[Path] = set()
         for p in paths:
+            full = self.abs_path(p)
+            folders.add(full.parent)
             with contextlib.suppress(FileNotFoundError):
-                self.abs_path(p).unlink()
+                full.unlink()
+        for folder in folders:
+            if folder != self.var_dir and folder != self.spool_dir:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
         for uid in uids:
-            with contextlib.suppress(OSError):
-                (self.spool_dir / uid).rmdir()
             log.info("study_state", study_uid=uid, state="purged")
         return len(uids)
 

@@ -57,3 +57,17 @@ def make_mini_csxa(root: Path, rows, image_size=(300, 260)):
 def mini_csxa(tmp_path):
     rows = [(1, 0, 35, 1), (2, 0, 35, 1), (3, 1, 50, 2), (4, 1, 51, 1), (5, 0, 60, 1), (6, 0, 60, 1)]
     return make_mini_csxa(tmp_path / "csxa", rows)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """One small spondylosis engine for the whole session: (BuildOptions, engine folder)."""
+    from trainer.build import BuildOptions, build_engine
+    from trainer.synth import synthesize
+
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "synth"
+    synthesize(data, n=72, seed=7, healthy_fraction=0.3)
+    opts = BuildOptions(task="spondylosis", data=data, out=root / "engines", image_size=64, epochs=2,
+                        batch_size=8, progress=False, n_boot=200, augment="light", demo=True)
+    return opts, build_engine(opts)

@@ -13,20 +13,8 @@ from trainer.build import BuildOptions, build_engine, load_prepared
 from trainer.data import PreparedDataset
 from trainer.model import ProbabilityHead, build_classifier
 from trainer.splits import SplitSpec
-from trainer.synth import synthesize
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    data = root / "synth"
-    synthesize(data, n=72, seed=7, healthy_fraction=0.3)
-    opts = BuildOptions(task="spondylosis", data=data, out=root / "engines", image_size=64, epochs=2,
-                        batch_size=8, progress=False, n_boot=200, augment="light", demo=True)
-    folder = build_engine(opts)
-    return opts, folder
 
 
 def test_manifest_complete(built):

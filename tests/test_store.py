@@ -374,7 +374,10 @@ def test_counts(store):
 
 
 def test_retention_deletes_old_sent_studies(store, clock):
-    sop = _reported_study(store)
+    sop = _reported_study(store)  # sr_path "sr/a.dcm"
+    sr = store.var_dir / "sr" / "a.dcm"
+    sr.parent.mkdir()
+    sr.write_bytes(b"sr")
     store.record_result(sop, "spondylosis", "1", "onnx-fp32", 0.7, "present", 0.5)
     oid = store.enqueue(STUDY, "A@h:1", "sr/a.dcm")
     store.mark_sent(oid)
@@ -384,6 +387,7 @@ def test_retention_deletes_old_sent_studies(store, clock):
     assert store.retention(30, now=clock.t + 29 * 86400) == 0
     assert store.retention(30, now=clock.t + 31 * 86400) == 1
     assert not path.exists() and not path.parent.exists()
+    assert not sr.exists() and store.var_dir.is_dir() and store.spool_dir.is_dir()
     assert store.get_study(STUDY) is None and store.get_instance(sop) is None
     assert store.results_of(STUDY) == [] and store.outbox_of(STUDY) == []
     assert store.get_instance(other) is not None

@@ -27,10 +27,15 @@ from torch import nn
 
 from screener.errors import UserError
 from screener.manifest import Backend, sha256_file
+from screener.runtime import TENSORRT_HINT, tensorrt_available
 
-TENSORRT_HINT = "TensorRT backend needs CUDA and the tensorrt extra: pip install '.[tensorrt]'"
 EXAMPLE_BATCH = 2  # >= 2 so the exporter does not specialise the batch axis to 1
 DEFAULT_CHUNK = 32
+
+__all__ = [
+    "export_onnx", "quantize_int8", "compare_with_torch", "onnx_predict", "torch_predict",
+    "tensorrt_available", "export_tensorrt", "backend_record", "is_self_contained", "QUANTIZED_OPS",
+]
 
 
 # --------------------------------------------------------------------------- ONNX fp32
@@ -48,7 +53,7 @@ def export_onnx(module: nn.Module, path: Path, image_size: int, input_name: str 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = module.eval().to("cpu")
+    module = _cpu_eval_copy(module)
     example = torch.randn(EXAMPLE_BATCH, 3, image_size, image_size, dtype=torch.float32)
     errors: list[str] = []
     for exporter in (_export_dynamo, _export_torchscript):
@@ -65,6 +70,17 @@ def export_onnx(module: nn.Module, path: Path, image_size: int, input_name: str 
         except Exception as exc:  # noqa: BLE001 - try the next exporter, report all on failure
             errors.append(f"{exporter.__name__}: {exc.__class__.__name__}: {exc}")
     raise RuntimeError("ONNX export failed:\n" + "\n".join(errors))
+
+
+def _cpu_eval_copy(module: nn.Module) -> nn.Module:
+    """An eval-mode fp32 CPU copy of `module`, so the caller's device and train/eval state are untouched."""
+    import copy
+
+    on_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32
+                 for t in [*module.parameters(), *module.buffers()] if t.is_floating_point())
+    if on_cpu and not module.training:
+        return module
+    return copy.deepcopy(module).float().cpu().eval()
 
 
 def _export_dynamo(module: nn.Module, example: torch.Tensor, file: Path, input_name: str,
@@ -120,27 +136,32 @@ def is_self_contained(path: Path) -> bool:
 
 # --------------------------------------------------------------------------- ONNX int8
 
+# The convolutional trunk; everything after it (ReduceMean/GlobalAveragePool, Gemm, Softmax) stays fp32.
+QUANTIZED_OPS = ("Conv", "Add", "MaxPool", "Relu", "Clip", "Concat")
+
+
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Iterable[np.ndarray] | np.ndarray,
                   input_name: str = "image") -> Path:
     """Static int8 quantization with ONNX Runtime, calibrated on real preprocessed images.
 
     `calibration`: float32 batches (N, 3, S, S) or one such array (split into batches of 8).
 
-    Settings, chosen for accuracy and speed on x86-64 CPUs (AVX2 / AVX-512 VNNI):
+    Settings (measured on a 2-core AVX-512 VNNI x86 CPU, ResNet50 224 px, batch 32):
 
     * ``quant_pre_process`` first (symbolic shape inference + ORT's basic graph
-      optimisation), so BatchNorm is folded into the convolutions and every tensor has a
-      shape before calibration;
-    * QDQ format (the format ORT's CPU EP fuses into QLinearConv / QGemm kernels);
-    * weights: signed int8, **per output channel**, symmetric;
-    * activations: unsigned uint8 (asymmetric, so post-ReLU tensors use the full range).
-      U8S8 is the combination ORT's x86 MLAS kernels are fastest at (VPDPBUSD /
-      VPMADDUBSW take u8 x s8); ``reduce_range=False`` because per-channel weights
-      with VNNI do not saturate; on pre-VNNI AVX2 hardware the 16-bit intermediate can
-      saturate in rare cases, which the build's AUROC check would catch;
-    * MinMax calibration (Percentile/Entropy were not more accurate here and are much
-      slower); only Conv / Gemm / MatMul and the ops between them are quantized, the
-      softmax head stays fp32.
+      optimisation: BatchNorm folded into the convolutions before calibration);
+    * QDQ format, which ORT's CPU EP fuses into QLinearConv / QLinearAdd kernels;
+    * weights signed int8, symmetric, **per output channel** (per-tensor lost accuracy);
+    * activations unsigned uint8, asymmetric (post-ReLU tensors keep the full range).
+      U8S8 is what ORT's x86 MLAS kernels run fastest (VPDPBUSD / VPMADDUBSW take
+      u8 x s8): ~3.5x ORT fp32 here, while S8S8 was ~1.4x and ``reduce_range=True`` slower
+      and less accurate, so ``reduce_range=False``. On AVX2 CPUs without VNNI the
+      u8 x s8 pair sums can in rare cases saturate; the build's int8 AUROC check (and
+      ``kept=False``) is the guard;
+    * MinMax calibration: Percentile and Entropy were no more accurate here and are slower;
+    * only the convolutional trunk is quantized (``QUANTIZED_OPS``); the head (pooling
+      mean, Gemm, Softmax, Gather) stays fp32, so a probability is not rounded to 1/255
+      steps and a box or vector output keeps full precision. This is also the fastest variant.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -171,9 +192,6 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Iterable[np.nda
     onnx.checker.check_model(model)
     _save_single_file(model, int8_path)
     return int8_path
-
-
-QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "Add", "MaxPool", "GlobalAveragePool", "Relu", "Flatten", "Reshape")
 
 
 def _calibration_batches(calibration: Iterable[np.ndarray] | np.ndarray, size: int = 8) -> Iterator[np.ndarray]:
@@ -227,8 +245,8 @@ def onnx_predict(onnx_path: Path, inputs: np.ndarray, batch_size: int = DEFAULT_
 
 
 def torch_predict(module: nn.Module, inputs: np.ndarray, batch_size: int = DEFAULT_CHUNK) -> np.ndarray:
-    """The eager reference: CPU, eval, inference mode, fp32."""
-    module = module.eval().to("cpu")
+    """The eager reference: CPU, eval, inference mode, fp32 (the caller's module is left as it was)."""
+    module = _cpu_eval_copy(module)
     x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
     with torch.inference_mode():
         outs = [module(x[i:i + batch_size]).float().numpy() for i in range(0, len(x), batch_size)]
@@ -245,17 +263,6 @@ def compare_with_torch(module: nn.Module, onnx_path: Path, inputs: np.ndarray) -
 
 
 # --------------------------------------------------------------------------- TensorRT
-
-def tensorrt_available() -> tuple[bool, str]:
-    """(True, "") when CUDA and torch_tensorrt can be used here; else (False, why not)."""
-    if not torch.cuda.is_available():
-        return False, "no CUDA device (TensorRT needs an NVIDIA GPU)"
-    try:
-        import torch_tensorrt  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - missing or broken install: same answer
-        return False, f"torch_tensorrt is not installed ({exc.__class__.__name__}: {exc})"
-    return True, ""
-
 
 class _Fp16(nn.Module):
     """fp32 in, fp16 network, fp32 out: the TensorRT program's interface stays fp32."""

@@ -62,7 +62,6 @@ SHEET_COLUMNS: tuple[str, ...] = (COL_NUMBER, COL_GENDER, COL_AGE, COL_DISEASE, 
 
 DISEASE_SPONDYLOSIS = 1
 DISEASE_HEALTHY = 2
-CURVATURES = {1: "lordotic", 2: "straight", 3: "sigmoid1", 4: "sigmoid2", 5: "kyphotic"}
 
 MISSING_ROW_FRACTION = 37 / 5000
 MAX_ROWS = 9999  # the Number must fit in four digits
@@ -227,7 +226,8 @@ def _sample_lesions(rng: np.random.Generator, severity: float) -> tuple[Lesion, 
 
 def _sample_anatomy(rng: np.random.Generator, healthy: bool) -> Anatomy:
     """Body sizes, disc heights, curve and (for spondylosis) lesions of one patient."""
-    heights = [rng.uniform(1.25, 1.42)] + list(np.array([0.97, 0.97, 0.99, 1.01, 1.06]) * rng.normal(1, 0.035, 5))
+    c2_height = rng.uniform(1.25, 1.42)
+    heights = [c2_height] + list(np.array([0.97, 0.97, 0.99, 1.01, 1.06]) * rng.normal(1, 0.035, 5))
     base_depth = rng.uniform(1.2, 1.4)
     depths = [base_depth * rng.uniform(1.0, 1.1)] + list(
         base_depth * np.linspace(1.0, 1.12, 5) * rng.normal(1, 0.03, 5))
@@ -340,7 +340,7 @@ class Spine:
 
 @dataclass(frozen=True)
 class View:
-    """One image of a patient: size, pixel geometry and render settings."""
+    """One image of a patient: size, pixel geometry and scale (mm per pixel)."""
 
     height: int
     width: int
@@ -391,7 +391,8 @@ def _spur_polygon(k: np.ndarray, out: np.ndarray, toward: np.ndarray, length: fl
     base_plate = k - out * w_plate
     tip = k + out * length * a + toward * length * b
     tip_w = max(0.03 * u, 0.14 * length)
-    outer = _bezier(base_wall, k + out * length * a * 1.05 - toward * 0.15 * w_wall, tip + out * tip_w * 0.5, 10)
+    outer = _bezier(base_wall, k + out * length * a * 1.05 - toward * 0.15 * w_wall,
+                    tip + out * tip_w * 0.5, 10)
     inner = _bezier(tip - out * tip_w * 0.5, k + out * length * a * 0.55 + toward * length * b * 0.15,
                     base_plate, 10)
     return np.concatenate([outer, inner])
@@ -470,9 +471,9 @@ def _spine_length_units(anat: Anatomy) -> float:
 
 def sample_view(rng: np.random.Generator, anat: Anatomy) -> View:
     """Image size, scale, position and pose of one radiograph of a patient."""
-    h = int(rng.integers(420, 1201))
-    w = int(np.clip(round(h * rng.uniform(0.62, 1.3)), 400, 1200))
-    if rng.random() < 0.15:  # some small images, under 500 px on a side
+    h = int(rng.integers(460, 1201))
+    w = int(np.clip(round(h * rng.uniform(0.7, 1.25)), 400, 1200))
+    if rng.random() < 0.08:  # some small images, under 500 px on a side
         h, w = int(rng.integers(400, 520)), int(rng.integers(400, 560))
     length = _spine_length_units(anat)
     u = rng.uniform(0.5, 0.78) * h / length
@@ -487,7 +488,8 @@ def sample_view(rng: np.random.Generator, anat: Anatomy) -> View:
     # keep every keypoint (and the dens) inside the image with a margin
     pts = np.concatenate([spine.keypoints, spine.dens])
     margin = 0.25 * u + 3
-    shift = np.maximum(0, margin - pts.min(axis=0)) - np.maximum(0, pts.max(axis=0) - (np.array([w, h]) - margin))
+    size = np.array([w, h])
+    shift = np.maximum(0, margin - pts.min(axis=0)) - np.maximum(0, pts.max(axis=0) - (size - margin))
     if np.any(shift):
         spine = _shift_spine(spine, shift)
     mm = 15.5 * rng.normal(1, 0.06) / (np.mean(anat.depths[1:5]) * u)
@@ -543,6 +545,21 @@ def _stamp(att: np.ndarray, polys: Sequence[np.ndarray], value: float, sigma: fl
     att[y0:y1, x0:x1] += m
 
 
+def _bone_texture(rng: np.random.Generator, spine: Spine, shape: tuple[int, int]) -> np.ndarray:
+    """Multiplicative cancellous-bone texture (~1 +- 0.15), computed only over the vertebral column."""
+    texture = np.ones(shape, np.float32)
+    pts = np.concatenate([spine.dens, *spine.outlines, *(p for _, p in spine.spurs)])
+    box = _roi(pts, 0.5 * spine.u, shape)
+    if box is None:
+        return texture
+    x0, y0, x1, y1 = box
+    sub = (y1 - y0, x1 - x0)
+    u = spine.u
+    texture[y0:y1, x0:x1] += (0.14 * _lowres_noise(rng, sub, max(2.0, 0.07 * u))
+                              + 0.08 * _lowres_noise(rng, sub, max(2.0, 0.4 * u)))
+    return texture
+
+
 def _draw_vertebra(att: np.ndarray, texture: np.ndarray, spine: Spine, i: int, mu_body: float,
                    mu_rim: float, rim_px: float, rng: np.random.Generator) -> None:
     """Body (+ dens for C2, + osteophytes) with cancellous fill, cortical rim and sclerotic endplates."""
@@ -588,8 +605,10 @@ def _draw_vertebra(att: np.ndarray, texture: np.ndarray, spine: Spine, i: int, m
 
 
 def _draw_posterior(att: np.ndarray, spine: Spine, mu: float, rng: np.random.Generator) -> None:
-    """Faint articular pillars, laminae and spinous processes behind each body, plus C1 arches."""
+    """Faint articular pillars and spinous processes behind each body, plus C1 arches, drawn into one
+    layer (filled shapes at `mu`-ish, slightly brighter outlines) that is blurred once and added."""
     u = spine.u
+    shapes: list[tuple[np.ndarray, float]] = []  # (polygon, attenuation)
     for i in range(6):
         d, p = spine.axes(i)
         c = spine.corners[i]
@@ -600,24 +619,36 @@ def _draw_posterior(att: np.ndarray, spine: Spine, mu: float, rng: np.random.Gen
         pillar = np.array([pc - p * pw - d * 0.55 * h, pc + p * pw - d * 0.62 * h,
                            pc + p * pw + d * 0.6 * h, pc - p * pw + d * 0.68 * h])
         pol, _ = rounded_outline(pillar, 0.15 * u, (0.05, 0.05, 0.05, 0.05))
-        _stamp(att, [pol], mu * rng.uniform(0.8, 1.1), sigma=0.1 * u)
-        _stamp(att, [pol], mu * 0.35, sigma=0.05 * u, thickness=max(1, int(0.06 * u)))
+        shapes.append((pol, mu * rng.uniform(0.8, 1.1)))
         length = u * (1.3 + 0.12 * i + (0.9 if i in (0, 5) else 0.0)) * rng.uniform(0.85, 1.15)
         root = pc + p * 0.3 * u
         tip = root + p * length + d * (0.25 + 0.07 * i) * length
         half = (0.35 if i == 0 else 0.24) * u
-        spinous = np.concatenate([_bezier(root - d * half, (root + tip) / 2 - d * half * 0.5, tip - d * 0.1 * u, 8),
-                                  _bezier(tip + d * 0.12 * u, (root + tip) / 2 + d * half * 0.4, root + d * half, 8)])
-        _stamp(att, [spinous], mu * rng.uniform(0.8, 1.05), sigma=0.08 * u)
-        _stamp(att, [spinous], mu * 0.35, sigma=0.05 * u, thickness=max(1, int(0.06 * u)))
-    # C1: anterior arch in front of the dens, posterior arch behind it
+        mid = (root + tip) / 2
+        spinous = np.concatenate([_bezier(root - d * half, mid - d * half * 0.5, tip - d * 0.1 * u, 8),
+                                  _bezier(tip + d * 0.12 * u, mid + d * half * 0.4, root + d * half, 8)])
+        shapes.append((spinous, mu * rng.uniform(0.8, 1.05)))
     d, p = spine.axes(0)
     dens_mid = spine.dens.mean(axis=0)
     ant = dens_mid - p * (0.62 * u) - d * 0.15 * u
     post = dens_mid + p * (2.1 * u) - d * 0.3 * u
     t = np.linspace(0, 2 * np.pi, 24)[:, None]
-    _stamp(att, [ant + p * 0.2 * u * np.cos(t) + d * 0.3 * u * np.sin(t)], mu * 1.4, sigma=0.06 * u)
-    _stamp(att, [post + p * 0.75 * u * np.cos(t) + d * 0.2 * u * np.sin(t)], mu * 1.1, sigma=0.07 * u)
+    shapes.append((ant + p * 0.2 * u * np.cos(t) + d * 0.3 * u * np.sin(t), mu * 1.4))
+    shapes.append((post + p * 0.75 * u * np.cos(t) + d * 0.2 * u * np.sin(t), mu * 1.1))
+
+    sigma = 0.08 * u
+    box = _roi(np.concatenate([s for s, _ in shapes]), 3 * sigma + 2, att.shape)
+    if box is None:
+        return
+    x0, y0, x1, y1 = box
+    off = np.array([x0, y0], dtype=np.float64)
+    layer = np.zeros((y1 - y0, x1 - x0), np.float32)
+    edge = max(1, int(0.06 * u))
+    for poly, value in shapes:  # shapes overlap (pillars): later ones are drawn over earlier ones
+        fixed = _fixed(poly, off)
+        cv2.fillPoly(layer, [fixed], value, cv2.LINE_8, _SHIFT)
+        cv2.polylines(layer, [fixed], True, value * 1.35, edge, cv2.LINE_8, _SHIFT)
+    att[y0:y1, x0:x1] += cv2.GaussianBlur(layer, (0, 0), max(0.7, sigma))
 
 
 def _lowres_noise(rng: np.random.Generator, shape: tuple[int, int], cell: float) -> np.ndarray:
@@ -628,10 +659,9 @@ def _lowres_noise(rng: np.random.Generator, shape: tuple[int, int], cell: float)
 
 
 def _grain(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
-    """Zero-mean, slightly correlated noise of std ~0.7 (blurred uniform bytes: near Gaussian, and fast)."""
+    """Zero-mean white noise of unit variance (uniform bytes: fast; the later blur makes it Gaussian-like)."""
     raw = np.frombuffer(rng.bytes(shape[0] * shape[1]), np.uint8).reshape(shape).astype(np.float32)
-    g = cv2.GaussianBlur(raw, (0, 0), 0.7)
-    return (g - np.float32(127.5)) * np.float32(1.0 / 42.0)
+    return (raw - np.float32(127.5)) * np.float32(1.0 / 73.9)
 
 
 def _ellipsoid(X: np.ndarray, Y: np.ndarray, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
@@ -682,7 +712,8 @@ def _soft_tissue(rng: np.random.Generator, view: View, jaw: np.ndarray, f: int) 
     fit = np.polyfit(walls[:, 1], walls[:, 0] - (walls[:, 0] - centres[:, 0]) * (1 - depth), 2)
     pts = np.stack([np.polyval(fit, yy), yy], axis=1)
     m = np.zeros((hl, wl), np.uint8)
-    cv2.polylines(m, [_fixed(pts / f)], False, 255, max(1, int(rng.uniform(0.5, 0.9) * u / f)), cv2.LINE_AA, _SHIFT)
+    width = max(1, int(rng.uniform(0.5, 0.9) * u / f))
+    cv2.polylines(m, [_fixed(pts / f)], False, 255, width, cv2.LINE_AA, _SHIFT)
     m = cv2.GaussianBlur(m.astype(np.float32) / 255.0, (0, 0), max(0.8, 0.2 * u / f))
     a -= m * rng.uniform(0.15, 0.35) * mu_t * np.clip(neck * 2, 0, 1)
     a = cv2.GaussianBlur(a.astype(np.float32), (0, 0), max(0.8, 0.15 * u / f))
@@ -691,7 +722,7 @@ def _soft_tissue(rng: np.random.Generator, view: View, jaw: np.ndarray, f: int) 
     return np.clip(a, 0, None).astype(np.float32)
 
 
-def _draw_mandible(att: np.ndarray, spine: Spine, angle: np.ndarray, rng: np.random.Generator) -> None:
+def _draw_head_bones(att: np.ndarray, spine: Spine, angle: np.ndarray, rng: np.random.Generator) -> None:
     """Faint mandible (ramus, angle and inferior border), hyoid and occiput."""
     u = spine.u
     border = _bezier(angle, angle + np.array([-2.0 * u, 0.3 * u]), angle + np.array([-5.0 * u, -0.4 * u]), 12)
@@ -724,21 +755,21 @@ def render(view: View, rng: np.random.Generator) -> np.ndarray:
     low = _soft_tissue(rng, view, jaw, f)
     att = cv2.resize(low, (w, h), interpolation=cv2.INTER_LINEAR)
     if rng.random() < 0.85:
-        _draw_mandible(att, sp, jaw, rng)
+        _draw_head_bones(att, sp, jaw, rng)
     _draw_posterior(att, sp, rng.uniform(0.12, 0.22), rng)
-    texture = 1.0 + 0.14 * _lowres_noise(rng, (h, w), max(2.0, 0.07 * u))
-    texture += 0.08 * _lowres_noise(rng, (h, w), max(2.0, 0.4 * u))
+    texture = _bone_texture(rng, sp, (h, w))
     mu_body, mu_rim = rng.uniform(0.28, 0.42), rng.uniform(0.28, 0.45)
     rim_px = max(1.0, 0.06 * u * rng.uniform(0.8, 1.2))
     for i in range(6):
         _draw_vertebra(att, texture, sp, i, mu_body * rng.uniform(0.93, 1.07), mu_rim, rim_px, rng)
     img = 1.0 - cv2.exp(-att)
-    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.1) * max(1.0, u / 60))
-    # exposure window and gamma, heel effect, film grain
+    # film grain (signal dependent), then the unsharpness of the system blurs image and grain alike
+    img += rng.uniform(0.012, 0.04) * (0.4 + img) * _grain(rng, (h, w))
+    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.6, 1.1) * max(1.0, u / 60))
+    # exposure window and gamma, heel effect
     lo, hi = rng.uniform(-0.06, 0.06), rng.uniform(0.9, 1.02)
     img = cv2.pow(np.clip((img - lo) * (1.0 / (hi - lo)), 0, 1), rng.uniform(0.75, 1.3))
     img *= 1.0 + rng.uniform(-0.06, 0.06) * np.linspace(-1, 1, h, dtype=np.float32)[:, None]
-    img += rng.uniform(0.008, 0.028) * (0.4 + img) * _grain(rng, (h, w))
     return np.clip(img, 0, 1).astype(np.float32)
 
 
@@ -750,55 +781,73 @@ _TEXTS = ("R", "L", "LAT", "C-SPINE LAT", "RADIOLOGY DEPT", "CITY GENERAL HOSP",
           "kVp 70  mAs 16", "SID 180cm", "DR-1", "STANDING")
 
 
+def _draw_text(m: np.ndarray, rng: np.random.Generator) -> None:
+    """Burn 1-3 strings (side markers, dates, department/device labels) near the corners of mask `m`."""
+    h, w = m.shape
+    scale = max(h, w) / 900
+    font = int(rng.choice([cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_PLAIN, cv2.FONT_HERSHEY_DUPLEX]))
+    for _ in range(int(rng.integers(1, 4))):
+        kind = rng.random()
+        if kind < 0.35:
+            s = str(rng.choice(["R", "L"]))
+            fs = scale * rng.uniform(1.2, 2.2)
+        elif kind < 0.6:
+            s = f"{rng.integers(2008, 2023)}-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d}"
+            fs = scale * rng.uniform(0.5, 0.9)
+        else:
+            s = str(rng.choice(_TEXTS))
+            if rng.random() < 0.4:
+                s += f" {rng.integers(100000, 999999)}"
+            fs = scale * rng.uniform(0.5, 0.9)
+        thick = max(1, int(round(fs * rng.uniform(1.2, 2.2))))
+        (tw, th), _ = cv2.getTextSize(s, font, fs, thick)
+        left = int(rng.integers(5, max(6, w // 10)))
+        right = max(5, w - tw - int(rng.integers(5, max(6, w // 10))))
+        x = int(rng.choice([left, right]))
+        y = int(rng.choice([rng.integers(th + 5, th + 5 + max(1, h // 10)),
+                            max(th + 5, h - int(rng.integers(5, max(6, h // 10))))]))
+        cv2.putText(m, s, (x, y), font, fs, 255, thick, cv2.LINE_AA)
+
+
+def _draw_ruler(m: np.ndarray, rng: np.random.Generator, mm_per_px: float) -> None:
+    """Burn a ruler (line, 5 mm ticks, every 2nd long, cm numbers) along one edge of mask `m`."""
+    h, w = m.shape
+    scale = max(h, w) / 900
+    step = 5.0 / mm_per_px  # a tick every 5 mm
+    side = int(rng.integers(4))
+    along = w if side in (0, 1) else h
+    across = h if side in (0, 1) else w
+    start = rng.uniform(0.05, 0.3) * along
+    n_ticks = int(min(rng.uniform(0.4, 0.65) * along, along - start - 5) // step)
+    base = rng.uniform(8, 40)
+    pos = base if side in (0, 2) else across - base
+    sign = 1 if side in (0, 2) else -1
+    th = max(1, int(round(scale)))
+    segs = [((start, pos), (start + n_ticks * step, pos))]
+    for t in range(n_ticks + 1):
+        length = (14 if t % 2 == 0 else 7) * scale
+        a = start + t * step
+        segs.append(((a, pos), (a, pos + sign * length)))
+    for (a0, b0), (a1, b1) in segs:
+        p0 = (int(a0), int(b0)) if side in (0, 1) else (int(b0), int(a0))
+        p1 = (int(a1), int(b1)) if side in (0, 1) else (int(b1), int(a1))
+        cv2.line(m, p0, p1, 255, th, cv2.LINE_AA)
+    for t in range(0, n_ticks + 1, 4):
+        a = start + t * step
+        if side in (0, 1):
+            q = (int(a) - 4, int(pos + sign * 26 * scale))
+        else:
+            q = (int(pos + sign * 30 * scale) - 6, int(a) + 4)
+        cv2.putText(m, str(t // 2), q, cv2.FONT_HERSHEY_PLAIN, 0.8 * scale, 255, 1, cv2.LINE_AA)
+
+
 def _overlay(rng: np.random.Generator, h: int, w: int, mm_per_px: float, text: bool, ruler: bool) -> np.ndarray:
     """uint8 mask of burned-in text and/or a ruler (255 = fully burned in)."""
     m = np.zeros((h, w), np.uint8)
-    scale = max(h, w) / 900
     if text:
-        font = int(rng.choice([cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_PLAIN, cv2.FONT_HERSHEY_DUPLEX]))
-        for _ in range(int(rng.integers(1, 4))):
-            kind = rng.random()
-            if kind < 0.35:
-                s = str(rng.choice(["R", "L"]))
-                fs = scale * rng.uniform(1.2, 2.2)
-            elif kind < 0.6:
-                s = f"{rng.integers(2008, 2023)}-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d}"
-                fs = scale * rng.uniform(0.5, 0.9)
-            else:
-                s = str(rng.choice(_TEXTS))
-                if rng.random() < 0.4:
-                    s += f" {rng.integers(100000, 999999)}"
-                fs = scale * rng.uniform(0.5, 0.9)
-            thick = max(1, int(round(fs * rng.uniform(1.2, 2.2))))
-            (tw, th), _ = cv2.getTextSize(s, font, fs, thick)
-            x = int(rng.choice([rng.integers(5, max(6, w // 10)), max(5, w - tw - int(rng.integers(5, max(6, w // 10))))]))
-            y = int(rng.choice([rng.integers(th + 5, th + 5 + max(1, h // 10)),
-                                max(th + 5, h - int(rng.integers(5, max(6, h // 10))))]))
-            cv2.putText(m, s, (x, y), font, fs, 255, thick, cv2.LINE_AA)
+        _draw_text(m, rng)
     if ruler:
-        step = 5.0 / mm_per_px  # a tick every 5 mm
-        side = int(rng.integers(4))
-        along = w if side in (0, 1) else h
-        across = h if side in (0, 1) else w
-        start = rng.uniform(0.05, 0.3) * along
-        n_ticks = int(min(rng.uniform(0.4, 0.65) * along, along - start - 5) // step)
-        base = rng.uniform(8, 40)
-        pos = base if side in (0, 2) else across - base
-        sign = 1 if side in (0, 2) else -1
-        th = max(1, int(round(scale)))
-        segs = [((start, pos), (start + n_ticks * step, pos))]
-        for t in range(n_ticks + 1):
-            length = (14 if t % 2 == 0 else 7) * scale
-            a = start + t * step
-            segs.append(((a, pos), (a, pos + sign * length)))
-        for (a0, b0), (a1, b1) in segs:
-            p0 = (int(a0), int(b0)) if side in (0, 1) else (int(b0), int(a0))
-            p1 = (int(a1), int(b1)) if side in (0, 1) else (int(b1), int(a1))
-            cv2.line(m, p0, p1, 255, th, cv2.LINE_AA)
-        for t in range(0, n_ticks + 1, 4):
-            a = start + t * step
-            q = (int(a) - 4, int(pos + sign * 26 * scale)) if side in (0, 1) else (int(pos + sign * 30 * scale) - 6, int(a) + 4)
-            cv2.putText(m, str(t // 2), q, cv2.FONT_HERSHEY_PLAIN, 0.8 * scale, 255, 1, cv2.LINE_AA)
+        _draw_ruler(m, rng, mm_per_px)
     return m
 
 
