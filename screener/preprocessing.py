@@ -20,6 +20,8 @@ Pipeline (`preprocess`):
    - ``box``: the box of the 23 keypoints (trainer) or of the ROI engine (node).
    - ``wide_box``: that box enlarged by up to ``wide_margin_y`` (200) px above and
      below and ``wide_margin_x`` (100) px left and right, clipped to the image.
+   - ``full``: the whole image letterboxed (centred, padded black) to a square: the
+     ROI engine's input; its normalized output box maps back through this window.
    With ``square=True`` (default) a box window is grown on its shorter side to a
    square around its centre, so resizing keeps the aspect ratio; the part outside
    the image is padded black. The study resized without saying how; a tall spine
@@ -46,7 +48,7 @@ import numpy as np
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the original image
 
-CROP_MODES = ("centre", "box", "wide_box")
+CROP_MODES = ("centre", "box", "wide_box", "full")
 COLOUR_MODES = ("gray", "gs_eq_inv", "gs_inv_eq", "equalize")
 
 
@@ -74,7 +76,7 @@ class Recipe:
 
     @property
     def needs_box(self) -> bool:
-        return self.crop != "centre"
+        return self.crop in ("box", "wide_box")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,7 +95,9 @@ RECIPES: dict[str, Recipe] = {
     "colour_crop": Recipe("colour_crop", crop="box", colour="gs_eq_inv"),
     "colour_wide_crop": Recipe("colour_wide_crop", crop="wide_box", colour="gs_eq_inv"),
     "roi_he": Recipe("roi_he", crop="box", colour="equalize", image_size=512),
-    "roi": Recipe("roi", crop="box", colour="gray", image_size=512),
+    "roi_crop": Recipe("roi_crop", crop="box", colour="gray", image_size=512),
+    # ROI engine input: the whole image letterboxed to a square; its output box is relative to it.
+    "roi_input": Recipe("roi_input", crop="full", colour="gray", image_size=256),
 }
 
 
@@ -207,6 +211,10 @@ def window(shape: tuple[int, int], rcp: Recipe, box: Box | None) -> tuple[int, i
     h, w = shape
     if rcp.crop == "centre":
         s = rcp.centre_size
+        x0, y0 = (w - s) // 2, (h - s) // 2
+        return x0, y0, x0 + s, y0 + s
+    if rcp.crop == "full":  # the whole image, letterboxed to a square (ROI engine input)
+        s = max(h, w)
         x0, y0 = (w - s) // 2, (h - s) // 2
         return x0, y0, x0 + s, y0 + s
     if box is None:

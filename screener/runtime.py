@@ -139,7 +139,7 @@ class TensorRTEngine:
         self.module = self._load(self.path)
 
     def _load(self, path: Path) -> Any:
-        torch = self._torch
+        """ExportedProgram (``torch_tensorrt.save`` default) or TorchScript, by suffix then by trying."""
         loaders = [self._load_exported, self._load_script]
         if path.suffix in (".ts", ".jit"):
             loaders.reverse()
@@ -149,7 +149,6 @@ class TensorRTEngine:
                 return loader(path)
             except Exception as exc:  # noqa: BLE001 - try the other format
                 errors.append(f"{exc.__class__.__name__}: {exc}")
-        del torch
         raise ManifestError(f"{path}: not a loadable TensorRT program ({'; '.join(errors)})")
 
     def _load_exported(self, path: Path) -> Any:
@@ -226,10 +225,10 @@ def choose_backend(manifest: Manifest, requested: str = "auto") -> Backend:
 class LoadedEngine:
     """A verified engine folder and its running backend."""
 
-    folder: Path
     manifest: Manifest
     backend: Backend
     runtime: EngineRuntime
+    folder: Path | None = None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self.runtime.predict(batch)
@@ -254,7 +253,7 @@ def load_engine(folder: Path, requested: str = "auto", threads: int | None = Non
     man = manifest_mod.load(folder, verify=True)
     backend = choose_backend(man, requested)
     runtime = open_runtime(folder, man, backend, threads=threads, max_batch=max_batch)
-    return LoadedEngine(folder, man, backend, runtime)
+    return LoadedEngine(man, backend, runtime, folder)
 
 
 def default_threads() -> int:

@@ -28,7 +28,7 @@ from typing import Mapping
 
 from screener import __version__
 from screener.config import Settings
-from screener.errors import ManifestError
+from screener.errors import ManifestError, UserError
 from screener.logs import get_logger
 from screener.runtime import LoadedEngine, load_engine
 from screener.screening import ImageOutcome, Screener
@@ -113,9 +113,11 @@ class Node:
             self.var = base / self.var
         self.engines = dict(engines) if engines is not None else load_engines(settings, base)
         self.store = Store.open(self.var)
+        if not self.store.owner:
+            self.store.close()
+            raise UserError(f"{self.var}: another screener node is already using this folder")
         self.screener = Screener(self.engines, settings.routing, settings.schedule.batch_max_size)
         self.device_uid = derive_uid("cspine-screener device", settings.node.ae_title)
-        self._wake = threading.Event()
         self._scheduler = None
         self.listener = None
         self._screen_lock = threading.Lock()
@@ -126,7 +128,7 @@ class Node:
 
         from screener.listener import Listener
 
-        self.listener = Listener(self.settings, self.store, on_stored=lambda _uid: None)
+        self.listener = Listener(self.settings, self.store)
         self.listener.start()
         sched = self.settings.schedule
         s = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
@@ -228,7 +230,10 @@ class Node:
         _fsync_write(self.var / rel, data)
         if self.settings.sr_folder:
             _fsync_write(Path(self.settings.sr_folder) / f"{sr_uid}.dcm", data)
-        self.store.set_study_state(study_uid, "reported", "", sr_path=str(rel), sr_sop_instance_uid=sr_uid)
+        if not self.store.set_study_state(study_uid, "reported", "", expect=("screening",), sr_path=str(rel),
+                                          sr_sop_instance_uid=sr_uid):
+            log.info("sr_superseded", study_uid=study_uid, reason="new instances arrived while screening")
+            return
         for out in outcomes:
             if out.state == "screened":
                 self.store.set_instance_state(out.sop_instance_uid, "reported", "")

@@ -285,11 +285,22 @@ def test_invalid_arguments(tmp_path: Path, kwargs: dict) -> None:
         synthesize(tmp_path / "x", **kwargs)
 
 
-def test_refuses_non_empty_folder(tmp_path: Path) -> None:
+def test_refuses_folder_with_foreign_files(tmp_path: Path) -> None:
     (tmp_path / "datasets-PNG").mkdir()
     (tmp_path / "datasets-PNG" / "old.png").write_bytes(b"x")
     with pytest.raises(FileExistsError):
         synthesize(tmp_path, n=2)
+    assert (tmp_path / "datasets-PNG" / "old.png").read_bytes() == b"x"  # nothing deleted
+
+
+def test_rerun_same_arguments_overwrites(tmp_path: Path) -> None:
+    first = synthesize(tmp_path, n=3, seed=1)
+    png = sorted((tmp_path / "datasets-PNG").iterdir())[0]
+    png.write_bytes(b"truncated")  # as if interrupted mid-write
+    again = synthesize(tmp_path, n=3, seed=1)
+    assert again == first and png.read_bytes() != b"truncated"
+    with pytest.raises(FileExistsError):
+        synthesize(tmp_path, n=2, seed=1)  # a smaller set would leave stale images behind
 
 
 def test_progress_bar_and_tiny_n(tmp_path: Path) -> None:

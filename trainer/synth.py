@@ -853,6 +853,8 @@ def _overlay(rng: np.random.Generator, h: int, w: int, mm_per_px: float, text: b
 
 @dataclass(frozen=True)
 class Style:
+    """How one image is stored: PNG mode, polarity and burned-in extras."""
+
     mode: str  # "L", "LA", "RGB", "RGBA", "I;16"
     inverted: bool
     text: bool
@@ -863,6 +865,7 @@ class Style:
 
 
 def sample_style(rng: np.random.Generator) -> Style:
+    """Mode per MODE_WEIGHTS; ~8 % inverted, ~20 % text, ~15 % ruler, ~10 % collimator borders."""
     modes = list(MODE_WEIGHTS)
     mode = str(rng.choice(modes, p=list(MODE_WEIGHTS.values())))
     colour = (1.0, 1.0, 1.0) if rng.random() < 0.5 else (0.1, 0.95, 1.0)  # white or yellow
@@ -910,6 +913,7 @@ def encode(img: np.ndarray, overlay: np.ndarray, style: Style) -> np.ndarray:
 
 
 def write_png(path: Path, pixels: np.ndarray, mode: str) -> None:
+    """cv2 writes L, I;16 (uint16), RGB and RGBA (from BGR/BGRA); PIL writes the 2-channel LA."""
     if mode == "LA":
         Image.fromarray(pixels).save(path, format="PNG", compress_level=3)
         return
@@ -995,9 +999,17 @@ def write_sheet(path: Path, rows: Sequence[RowPlan], anatomies: Sequence[Anatomy
     wb.save(path)
 
 
-def _check_empty(folder: Path) -> None:
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder} is not empty: synthesize writes a fresh data set into an empty folder")
+def _check_no_foreign_files(folder: Path, expected: set[str]) -> None:
+    """Refuse a folder holding files this run would not write (never deletes anything).
+
+    Files with this run's names (e.g. from an interrupted run with the same arguments) are overwritten."""
+    if not folder.is_dir():
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in expected)
+    if foreign:
+        raise FileExistsError(
+            f"{folder} holds {len(foreign)} file(s) this data set would not write "
+            f"(e.g. {', '.join(foreign[:3])}): use an empty folder")
 
 
 def _write_image(row: RowPlan, view: View, rng: np.random.Generator, png_dir: Path, json_dir: Path) -> None:
@@ -1023,17 +1035,19 @@ def synthesize(out: Path, n: int = 200, seed: int = 0, healthy_fraction: float =
     `healthy_fraction` of the images are healthy (whole patients are assigned), with at least one
     healthy and one spondylosis patient when n >= 10. Same (n, seed, healthy_fraction) gives
     byte-identical PNG and JSON files. Raises ValueError on bad arguments and FileExistsError when
-    the PNG or JSON folder already holds files."""
+    the PNG or JSON folder holds files this data set would not write (re-running the same arguments
+    into the same folder, e.g. after an interruption, overwrites in place)."""
     _validate(n, seed, healthy_fraction)
     n = int(n)
     out = Path(out)
     png_dir, json_dir = out / "datasets-PNG", out / "datasets-JSON"
-    _check_empty(png_dir)
-    _check_empty(json_dir)
+    patients, rows = _plan(n, int(seed), float(healthy_fraction))
+    ids = [r.file_id for r in rows if r.has_image]
+    _check_no_foreign_files(png_dir, {f"{i}.png" for i in ids})
+    _check_no_foreign_files(json_dir, {f"{i}.json" for i in ids})
     png_dir.mkdir(parents=True, exist_ok=True)
     json_dir.mkdir(parents=True, exist_ok=True)
 
-    patients, rows = _plan(n, int(seed), float(healthy_fraction))
     bar = None
     if progress:
         from tqdm import tqdm
