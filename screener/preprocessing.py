@@ -40,7 +40,8 @@ Pipeline (`preprocess`):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import cv2
@@ -65,6 +66,8 @@ class Recipe:
     wide_margin_x: int = 100
     square: bool = True
     auto_polarity: bool = True
+    # Views mirrored to the canonical orientation (stenosis: right obliques look like left ones).
+    mirror_views: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.crop not in CROP_MODES:
@@ -83,7 +86,13 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
-        return cls(**data)
+        d = dict(data)
+        d["mirror_views"] = tuple(d.get("mirror_views", ()))
+        return cls(**d)
+
+    def mirrors(self, view: str | None) -> bool:
+        """Whether an image of this view (laterality 'L'/'R') is mirrored before the model."""
+        return bool(view) and str(view).upper() in self.mirror_views
 
 
 # The study's Table 1 conditions (spondylosis), plus the stenosis study's ROI + HE.
@@ -94,8 +103,8 @@ RECIPES: dict[str, Recipe] = {
     "colour": Recipe("colour", crop="centre", colour="gs_eq_inv"),
     "colour_crop": Recipe("colour_crop", crop="box", colour="gs_eq_inv"),
     "colour_wide_crop": Recipe("colour_wide_crop", crop="wide_box", colour="gs_eq_inv"),
-    "roi_he": Recipe("roi_he", crop="box", colour="equalize", image_size=512),
-    "roi_crop": Recipe("roi_crop", crop="box", colour="gray", image_size=512),
+    "roi_he": Recipe("roi_he", crop="box", colour="equalize", image_size=512, mirror_views=("R",)),
+    "roi_gray": Recipe("roi_gray", crop="box", colour="gray", image_size=512, mirror_views=("R",)),
     # ROI engine input: the whole image letterboxed to a square; its output box is relative to it.
     "roi_input": Recipe("roi_input", crop="full", colour="gray", image_size=256),
 }
@@ -108,7 +117,7 @@ def recipe(name: str, image_size: int | None = None) -> Recipe:
     base = RECIPES[name]
     if image_size is None or image_size == base.image_size:
         return base
-    return Recipe(**{**base.to_dict(), "image_size": image_size})
+    return dataclasses.replace(base, image_size=image_size)
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,7 @@ class Screener:
         tensors, used = [], []
         for pe in items:
             box = boxes.get(id(pe)) if rcp.needs_box else None
-            mirror = bool(pe.outcome.route and pe.outcome.route.mirror and rcp.needs_box)
+            mirror = bool(pe.outcome.route and rcp.mirrors(pe.outcome.route.laterality))
             try:
                 tensors.append(pp.preprocess(pe.gray, rcp, norm, box, mirror=mirror))
             except ValueError as exc:

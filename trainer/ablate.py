@@ -8,6 +8,7 @@ sensitivity, specificity, balanced accuracy and McNemar's paired test against
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ import numpy as np
 from screener import preprocessing as pp
 from trainer import metrics, report
 from trainer.augment import PRESETS
-from trainer.build import load_prepared
+from screener.errors import UserError
+from trainer.build import TASKS, load_prepared
 from trainer.data import PreparedDataset
 from trainer.model import build_classifier, pick_device
 from trainer.splits import SplitSpec
@@ -27,51 +29,88 @@ STUDY_CONDITIONS = ("original", "crop", "wide_crop", "colour", "colour_crop", "c
 
 
 @dataclass(frozen=True)
+class Condition:
+    name: str
+    recipe: str
+    flip: bool = True  # stenosis: mirror right obliques to the canonical orientation
+    stn: bool = False
+
+
+# The stenosis study's Table 5: histogram equalization, flip, STN, each on or off.
+STENOSIS_CONDITIONS = (
+    Condition("roi", "roi_gray", flip=False),
+    Condition("roi+HE", "roi_he", flip=False),
+    Condition("roi+flip", "roi_gray", flip=True),
+    Condition("roi+HE+flip", "roi_he", flip=True),
+    Condition("roi+HE+flip+STN", "roi_he", flip=True, stn=True),
+)
+
+
+@dataclass(frozen=True)
 class AblationOptions:
     data: Path
     out: Path
+    task: str = "spondylosis"
     conditions: tuple[str, ...] | None = None
-    image_size: int = 224
+    image_size: int = 0
     epochs: int = 30
-    batch_size: int = 16
+    batch_size: int = 0
     pretrained: Path | None = None
     split_seed: int = 20241122
     augment: str = "study"
     progress: bool = True
 
 
+def conditions_for(opts: AblationOptions) -> tuple[Condition, ...]:
+    if opts.task == "stenosis":
+        known = {c.name: c for c in STENOSIS_CONDITIONS}
+        names = opts.conditions or tuple(known)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UserError(f"unknown stenosis condition(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return tuple(known[n] for n in names)
+    names = opts.conditions or STUDY_CONDITIONS
+    for n in names:
+        try:
+            pp.recipe(n)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    return tuple(Condition(n, n) for n in names)
+
+
 def run_ablation(opts: AblationOptions) -> str:
-    conditions = opts.conditions or STUDY_CONDITIONS
-    for c in conditions:
-        pp.recipe(c)  # unknown names fail before any training
+    conditions = conditions_for(opts)
+    defaults = TASKS[opts.task]
     spec = SplitSpec(seed=opts.split_seed)
     device = pick_device()
     results: dict[str, dict] = {}
-    ids_ref: list[str] | None = None
     for cond in conditions:
-        rcp = pp.recipe(cond, opts.image_size)
-        data = load_prepared(opts.data, rcp, spec, opts.progress)
+        rcp = pp.recipe(cond.recipe, opts.image_size or None)
+        if not cond.flip:
+            rcp = dataclasses.replace(rcp, mirror_views=())
+        data = load_prepared(opts.data, rcp, spec, opts.progress, opts.task)
         tx, ty = data.part("train")
         vx, vy = data.part("validation")
         sx, sy = data.part("test")
         test_ids = [s.id for s, sp in zip(data.samples, data.splits) if sp == "test"]
-        model, _ = build_classifier(opts.pretrained)
+        model, _ = build_classifier(opts.pretrained, stn=cond.stn)
         norm = pp.IMAGENET if opts.pretrained else pp.channel_stats(tx)
-        cfg = TrainConfig(epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.split_seed % 10_000)
+        cfg = TrainConfig(epochs=opts.epochs, batch_size=opts.batch_size or defaults.batch_size,
+                          optimizer=defaults.optimizer, lr=defaults.lr, step_epochs=defaults.step_epochs,
+                          gamma=defaults.gamma, seed=opts.split_seed % 10_000)
+        work = opts.out / ".work" / cond.name.replace("+", "_")
         train(model, PreparedDataset(tx, ty, norm, PRESETS[opts.augment], seed=cfg.seed),
-              PreparedDataset(vx, vy, norm), cfg, opts.out / ".work" / cond, device, progress=opts.progress)
+              PreparedDataset(vx, vy, norm), cfg, work, device, progress=opts.progress)
         p_val = predict_proba(model, PreparedDataset(vx, vy, norm), device)
         p_test = predict_proba(model, PreparedDataset(sx, sy, norm), device)
-        ev = metrics.evaluate(vy, p_val, sy, p_test)
-        results[cond] = {"ids": test_ids, "y": sy, "pred": (p_test >= ev.threshold.threshold).astype(int),
-                         "eval": ev}
-        if ids_ref is None:
-            ids_ref = test_ids
+        ev = metrics.evaluate(vy, p_val, sy, p_test, class_names=defaults.class_names)
+        results[cond.name] = {"ids": test_ids, "y": sy, "pred": (p_test >= ev.threshold.threshold).astype(int),
+                              "eval": ev}
     return _write_table(opts, results)
 
 
 def _write_table(opts: AblationOptions, results: dict[str, dict]) -> str:
-    base_name = "original" if "original" in results else next(iter(results))
+    base_name = next(iter(results))  # the first condition: original (spondylosis), roi (stenosis)
     base = results[base_name]
     rows = []
     for cond, r in results.items():
@@ -105,7 +144,7 @@ def _write_table(opts: AblationOptions, results: dict[str, dict]) -> str:
     table = report.format_table(rows, columns)
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "ablation.md").write_text(
-        "# Ablation: the study's Table 1 conditions\n\n"
+        f"# Ablation ({opts.task}): the study's conditions\n\n"
         "Same patient-grouped split and seed for every condition; thresholds from each condition's "
         "validation set at sensitivity 0.95; McNemar's paired test on the shared test images.\n\n"
         + table + "\n", encoding="utf-8")

@@ -38,14 +38,35 @@ INT8_TOLERANCE = 0.01  # keep int8 only if its test AUROC is within this of fp32
 
 
 @dataclass(frozen=True)
+class TaskDefaults:
+    recipe: str
+    class_names: tuple[str, str]
+    optimizer: str
+    lr: float
+    step_epochs: int
+    gamma: float
+    batch_size: int
+
+
+# The studies' training set-ups: Adam 3e-4 halved every 5 epochs (spondylosis); SGD momentum 0.9,
+# lr 1e-3 x0.1 every 7 epochs, batch 4 (foraminal stenosis).
+TASKS: dict[str, TaskDefaults] = {
+    "spondylosis": TaskDefaults("original", ("healthy", "spondylosis"), "adam", 3e-4, 5, 0.5, 16),
+    "stenosis": TaskDefaults("roi_he", ("normal", "stenosis"), "sgd", 1e-3, 7, 0.1, 4),
+}
+
+
+@dataclass(frozen=True)
 class BuildOptions:
     task: str
     data: Path
     out: Path
-    recipe: str = "original"
-    image_size: int = 224
+    recipe: str = ""  # "" = the task's default
+    image_size: int = 0  # 0 = the recipe's default
     epochs: int = 30
-    batch_size: int = 16
+    batch_size: int = 0  # 0 = the task's default
+    extra_data: tuple[Path, ...] = ()  # roi: more data roots (lateral and oblique)
+    roi_engine: Path | None = None  # stenosis: boxes for unannotated images
     pretrained: Path | None = None
     checkpoint: Path | None = None
     backend: str = "onnx"  # onnx | tensorrt | all
@@ -76,9 +97,48 @@ class PreparedData:
         return self.images[idx], self.labels[idx]
 
 
-def load_prepared(data: Path, rcp: pp.Recipe, spec: SplitSpec, progress: bool) -> PreparedData:
+def load_samples(task: str, data: Path, rcp: pp.Recipe, roi_engine: Path | None = None) -> tuple[list, csxa.LoadReport]:
+    """The task's samples: CSXA lateral (spondylosis) or the oblique layout (stenosis).
+
+    Oblique images without an annotated ROI get the ROI engine's box when one is given,
+    otherwise they are skipped and counted."""
+    if task != "stenosis":
+        return csxa.load(data, need_keypoints=rcp.needs_box)
+    from trainer.oblique import load_oblique
+
+    samples, report = load_oblique(data)
+    if not rcp.needs_box:
+        return samples, report
+    unannotated = [s for s in samples if s.box is None]
+    if unannotated and roi_engine is not None:
+        from screener.roi import predict_boxes
+        from screener.runtime import load_engine
+        from trainer.data import read_gray8
+
+        engine = load_engine(roi_engine, "onnx-fp32")
+        boxes = {}
+        for s in unannotated:
+            try:
+                boxes[s.image_path] = predict_boxes(engine, [read_gray8(s.image_path)[0]])[0]
+            except ValueError as exc:
+                report.skip(s.image_path, str(exc))
+        samples = [dataclasses.replace(s, box=boxes[s.image_path]) if s.box is None and s.image_path in boxes
+                   else s for s in samples]
+    kept = []
+    for s in samples:
+        if s.box is None:
+            report.skip(s.image_path, "no ROI annotation (pass --roi-engine to use predicted boxes)")
+        else:
+            kept.append(s)
+    return kept, report
+
+
+def load_prepared(data: Path, rcp: pp.Recipe, spec: SplitSpec, progress: bool, task: str = "spondylosis",
+                  roi_engine: Path | None = None) -> PreparedData:
     """Read the data set, split by patient and prepare every image with the shared preprocessing."""
-    samples, load_report = csxa.load(data, need_keypoints=rcp.needs_box)
+    samples, load_report = load_samples(task, data, rcp, roi_engine)
+    if not samples:
+        raise UserError(f"{data}: no usable images for {task} ({len(load_report.skipped)} skipped)")
     splits_all = split_groups([s.group for s in samples], [s.label for s in samples], spec)
     by_id = {s.image_path: sp for s, sp in zip(samples, splits_all)}
     kept, images = prepare_samples(samples, rcp, load_report, progress=progress)
@@ -117,24 +177,33 @@ def _work_dir(opts: BuildOptions, rcp: pp.Recipe, fp: str, cfg: TrainConfig) -> 
 
 def build_engine(opts: BuildOptions) -> Path:
     """Build one engine folder; returns its path."""
-    if opts.task != "spondylosis":
-        raise UserError(f"--task {opts.task}: not available yet (spondylosis only)")
+    if opts.task == "roi":
+        from trainer.roi import build_roi_engine
+
+        return build_roi_engine(opts)
+    if opts.task not in TASKS:
+        raise UserError(f"--task {opts.task}: expected spondylosis, stenosis or roi")
+    defaults = TASKS[opts.task]
     if opts.backend not in ("onnx", "tensorrt", "all"):
         raise UserError(f"--backend {opts.backend}: expected onnx, tensorrt or all")
     if opts.augment not in PRESETS:
         raise UserError(f"--augment {opts.augment}: expected one of {', '.join(PRESETS)}")
     t_start = time.perf_counter()
-    rcp = pp.recipe(opts.recipe, opts.image_size)
+    try:
+        rcp = pp.recipe(opts.recipe or defaults.recipe, opts.image_size or None)
+    except ValueError as exc:
+        raise UserError(f"--recipe: {exc}") from None
     spec = SplitSpec(seed=opts.split_seed)
-    data = load_prepared(opts.data, rcp, spec, opts.progress)
+    data = load_prepared(opts.data, rcp, spec, opts.progress, opts.task, opts.roi_engine)
     train_x, train_y = data.part("train")
     val_x, val_y = data.part("validation")
     test_x, test_y = data.part("test")
 
     model, pre_info = build_classifier(opts.pretrained, stn=opts.stn)
     norm = pp.IMAGENET if opts.pretrained else pp.channel_stats(train_x)
-    cfg = TrainConfig(epochs=opts.epochs, batch_size=opts.batch_size, balance=opts.balance,
-                      patience=opts.patience, seed=opts.split_seed % 10_000)
+    cfg = TrainConfig(epochs=opts.epochs, batch_size=opts.batch_size or defaults.batch_size, balance=opts.balance,
+                      optimizer=defaults.optimizer, lr=defaults.lr, step_epochs=defaults.step_epochs,
+                      gamma=defaults.gamma, patience=opts.patience, seed=opts.split_seed % 10_000)
     device = pick_device()
     train_ds = PreparedDataset(train_x, train_y, norm, PRESETS[opts.augment], seed=cfg.seed)
     val_ds = PreparedDataset(val_x, val_y, norm)
@@ -162,7 +231,7 @@ def build_engine(opts: BuildOptions) -> Path:
     p_val = predict_proba(model, val_ds, device)
     p_test = predict_proba(model, test_ds, device)
     evaluation = metrics.evaluate(val_y, p_val, test_y, p_test, target_sensitivity=opts.target_sensitivity,
-                                  n_boot=opts.n_boot, seed=0, class_names=csxa.CLASS_NAMES)
+                                  n_boot=opts.n_boot, seed=0, class_names=defaults.class_names)
     thr = evaluation.threshold
 
     building = opts.out / f".{opts.task}.building"
@@ -191,7 +260,7 @@ def build_engine(opts: BuildOptions) -> Path:
     manifest = mf.Manifest(
         task=opts.task, version=version, created=created, kind="classifier", input_size=rcp.image_size,
         input_name="image", output_name="probability", preprocessing=rcp, normalization=norm,
-        class_names=list(csxa.CLASS_NAMES),
+        class_names=list(defaults.class_names),
         threshold=mf.Threshold(value=float(thr.threshold), method=thr.method, split=thr.split,
                                target_sensitivity=thr.target_sensitivity,
                                achieved_sensitivity=thr.achieved_sensitivity,
@@ -203,6 +272,7 @@ def build_engine(opts: BuildOptions) -> Path:
         data={"fingerprint": data.fingerprint, "root_name": Path(opts.data).name, "n_images": len(data.labels),
               "splits": counts, "split_seed": opts.split_seed, "split_method":
               "stratified by label, grouped by patient (consecutive rows with equal gender and age)",
+              "roi_boxes": "annotated" if opts.roi_engine is None else f"annotated, else ROI engine {opts.roi_engine.name}",
               "problems": data.load_report.summary()},
         training=training, backends=backends,
         validated=bool(opts.validated_by), validated_by=opts.validated_by, demo=opts.demo,

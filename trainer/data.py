@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -17,6 +18,10 @@ from tqdm import tqdm
 from screener import preprocessing as pp
 from trainer.augment import Augment, augment
 from trainer.csxa import LoadReport, Sample
+
+
+# Progress bars redraw often on a terminal, rarely when stderr goes to a file (CI logs).
+_TQDM_INTERVAL = 0.5 if sys.stderr.isatty() else 30.0
 
 
 def image_mode(img: np.ndarray) -> str:
@@ -36,25 +41,26 @@ def read_gray8(path: Path) -> tuple[np.ndarray, str]:
     return pp.to_gray8(img, "BGR"), image_mode(img)
 
 
-def sample_box(sample: Sample) -> pp.Box | None:
+def sample_box(sample: Any) -> pp.Box | None:
+    """The annotated box (lateral: the 23 keypoints' box; oblique: the ROI rectangle)."""
     return sample.box
 
 
 def prepare_samples(
-    samples: Sequence[Sample], rcp: pp.Recipe, report: LoadReport, progress: bool = True
-) -> tuple[list[Sample], np.ndarray]:
+    samples: Sequence[Any], rcp: pp.Recipe, report: LoadReport, progress: bool = True
+) -> tuple[list[Any], np.ndarray]:
     """Prepare every sample once (uint8 N x S x S x 3); unreadable images are skipped and reported."""
     kept: list[Sample] = []
     arrays: list[np.ndarray] = []
     modes: Counter[str] = Counter()
-    for s in tqdm(samples, desc=f"preprocess {rcp.name}", unit="img", disable=not progress, leave=False):
+    for s in tqdm(samples, desc=f"preprocess {rcp.name}", unit="img", disable=not progress, leave=False, mininterval=_TQDM_INTERVAL):
         try:
             gray, mode = read_gray8(s.image_path)
             box = sample_box(s)
             if rcp.needs_box and box is None:
                 report.skip(s.image_path, f"recipe {rcp.name} needs keypoints")
                 continue
-            arrays.append(pp.prepare(gray, rcp, box))
+            arrays.append(pp.prepare(gray, rcp, box, mirror=rcp.mirrors(getattr(s, "view", None))))
         except ValueError as exc:
             report.skip(s.image_path, str(exc).replace(str(s.image_path) + ": ", ""))
             continue
@@ -66,14 +72,15 @@ def prepare_samples(
     return kept, stacked
 
 
-def fingerprint(samples: Sequence[Sample], root: Path) -> str:
+def fingerprint(samples: Sequence[Any], root: Path) -> str:
     """SHA-256 of the file list (relative path, size), labels and keypoint boxes."""
     h = hashlib.sha256()
     for s in sorted(samples, key=lambda s: s.id):
         rel = s.image_path.relative_to(root) if s.image_path.is_relative_to(root) else s.image_path
         box = s.box
         box_txt = ",".join(f"{v:.1f}" for v in box) if box else "-"
-        h.update(f"{rel}|{s.image_path.stat().st_size}|{s.label}|{box_txt}\n".encode())
+        view = f"|{s.view}" if getattr(s, "view", "") else ""
+        h.update(f"{rel}|{s.image_path.stat().st_size}|{s.label}|{box_txt}{view}\n".encode())
     return h.hexdigest()
 
 

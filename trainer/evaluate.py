@@ -17,7 +17,6 @@ from screener.errors import UserError
 from screener.logs import get_logger
 from trainer import metrics, report
 from trainer.build import load_prepared
-from trainer.csxa import CLASS_NAMES
 from trainer.splits import SplitSpec
 
 log = get_logger(__name__)
@@ -40,7 +39,7 @@ def evaluate_engine(engine_dir: Path, data: Path, out: Path, backend: str = "onn
     if man.kind != "classifier" or man.threshold is None:
         raise UserError(f"{engine_dir}: `trainer evaluate` handles classifier engines")
     seed = int(man.data.get("split_seed", SplitSpec().seed))
-    prepared = load_prepared(data, man.preprocessing, SplitSpec(seed=seed), progress)
+    prepared = load_prepared(data, man.preprocessing, SplitSpec(seed=seed), progress, man.task)
     same_data = prepared.fingerprint == man.data.get("fingerprint")
     if not same_data:
         log.warning("data_differs_from_training", engine=man.version,
@@ -49,7 +48,7 @@ def evaluate_engine(engine_dir: Path, data: Path, out: Path, backend: str = "onn
     test_x, test_y = prepared.part("test")
     p_val = engine_probabilities(loaded.runtime, val_x, man.normalization)
     p_test = engine_probabilities(loaded.runtime, test_x, man.normalization)
-    ev = metrics.evaluate(val_y, p_val, test_y, p_test, class_names=CLASS_NAMES)
+    ev = metrics.evaluate(val_y, p_val, test_y, p_test, class_names=tuple(man.class_names))
     thr = man.threshold.value
     ev = dataclasses.replace(
         ev,

@@ -4,6 +4,7 @@ early stopping on validation AUROC, best checkpoint kept, resumable."""
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from trainer.data import PreparedDataset
 from trainer.metrics import roc_auc
 
 log = get_logger(__name__)
+# Progress bars redraw often on a terminal, rarely when stderr goes to a file (CI logs).
+_TQDM_INTERVAL = 0.5 if sys.stderr.isatty() else 30.0
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ def predict_proba(model: nn.Module, dataset: PreparedDataset, device: torch.devi
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out: list[np.ndarray] = []
-    for x, _ in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
+    for x, _ in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False, mininterval=_TQDM_INTERVAL):
         logits = model(x.to(device))
         out.append(torch.softmax(logits.float(), dim=1)[:, -1].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -126,7 +129,7 @@ def train(model: nn.Module, train_ds: PreparedDataset, val_ds: PreparedDataset, 
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                             generator=gen, num_workers=cfg.num_workers, drop_last=len(train_ds) > cfg.batch_size)
         total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False, mininterval=_TQDM_INTERVAL)
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
