@@ -32,6 +32,17 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("resend", help="re-queue failed studies (all, or the given Study Instance UIDs)")
     _add_config(r)
     r.add_argument("study_uid", nargs="*")
+    rp = sub.add_parser("replay", help="re-run a folder of DICOM files offline (audit)")
+    rp.add_argument("folder", type=Path)
+    rp.add_argument("--out", type=Path, help="audit folder (default FOLDER-audit)")
+    rp.add_argument("--config", type=Path, default=None)
+    rp.add_argument("--labels", type=Path, help="CSV: sop_instance_uid or file, then a 0/1 column per engine")
+    rp.add_argument("--engines", nargs="+", help="engines to run (default: engines.enabled in the config)")
+    rp.add_argument("--backend", choices=("auto", "tensorrt", "onnx-int8", "onnx-fp32"),
+                    help="override engines.backend")
+    rp.add_argument("--compare", type=Path, metavar="OLD_AUDIT", help="report what changed against an earlier audit")
+    rp.add_argument("--quiet", action="store_true", help="no progress bar")
+    rp.set_defaults(var_dir=None)
     c = sub.add_parser("complete", help="screen a study now instead of waiting for study_stable_s")
     _add_config(c)
     c.add_argument("study_uid", nargs="+")
@@ -123,6 +134,43 @@ def cmd_resend(settings: config.Settings, uids: list[str]) -> int:
     return 0
 
 
+def cmd_replay(settings: config.Settings, args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from screener import replay as rp
+    from screener.screening import Screener
+    from screener.service import load_engines
+
+    folder = args.folder
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    eng = dataclasses.replace(settings.engines, enabled=list(args.engines or settings.engines.enabled),
+                              backend=args.backend or settings.engines.backend)
+    settings = dataclasses.replace(settings, engines=eng)
+    engines = load_engines(settings)
+    out = args.out or folder.with_name(folder.name.rstrip("/") + "-audit")
+    screener = Screener(engines, settings.routing, settings.schedule.batch_max_size)
+    summary = rp.replay(folder, out, screener, engines, chunk=settings.schedule.batch_max_size,
+                        progress=not args.quiet)
+    print(f"{summary.files} files: {summary.screened} screened, {summary.skipped} skipped, {summary.failed} failed; "
+          f"{summary.srs} SR(s); audit in {out}")
+    rows = json.loads((out / "audit.json").read_text())
+    if args.labels:
+        for name, path in rp.labels_report(out, rows, rp.read_labels(args.labels), engines).items():
+            print(f"labels report for {name}: {path}")
+    if args.compare:
+        if not (args.compare / "audit.json" if args.compare.is_dir() else args.compare).is_file():
+            raise UserError(f"--compare {args.compare}: no audit.json there")
+        diff = rp.compare(args.compare, rows)
+        (out / "compare.json").write_text(json.dumps(diff, indent=2) + "\n")
+        print(f"compared {diff['compared']} results with {args.compare}: {len(diff['findings_flipped'])} finding(s) "
+              f"flipped, max probability drift {diff['max_probability_drift']:.3g}, "
+              f"{len(diff['only_in_old'])} only in old, {len(diff['only_in_new'])} only in new "
+              f"(details: {out / 'compare.json'})")
+    return 0
+
+
 def cmd_complete(settings: config.Settings, uids: list[str]) -> int:
     from screener.store import Store
 
@@ -146,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(settings)
         if args.command == "resend":
             return cmd_resend(settings, args.study_uid)
+        if args.command == "replay":
+            return cmd_replay(settings, args)
         if args.command == "complete":
             return cmd_complete(settings, args.study_uid)
     except UserError as exc:

@@ -77,6 +77,12 @@ class _Pending:
     engines: list[str]
 
 
+@dataclass
+class ReadBatch:
+    outcomes: list[ImageOutcome] = field(default_factory=list)
+    pending: list[_Pending] = field(default_factory=list)
+
+
 class Screener:
     """Runs the configured engines on DICOM files."""
 
@@ -130,13 +136,21 @@ class Screener:
     # ----------------------------------------------------------------- screen
     def screen(self, paths: Sequence[Path]) -> list[ImageOutcome]:
         """Screen files; one outcome per file, in order."""
-        outcomes: list[ImageOutcome] = []
-        pending: list[_Pending] = []
+        return self.infer(self.read_many(paths))
+
+    def read_many(self, paths: Sequence[Path]) -> "ReadBatch":
+        """Read, route and decode files (the I/O and CPU part that can overlap inference)."""
+        batch = ReadBatch()
         for p in paths:
             out, gray, engines = self.read(p)
-            outcomes.append(out)
+            batch.outcomes.append(out)
             if gray is not None:
-                pending.append(_Pending(out, gray, engines))
+                batch.pending.append(_Pending(out, gray, engines))
+        return batch
+
+    def infer(self, batch: "ReadBatch") -> list[ImageOutcome]:
+        """Run the engines on a decoded batch; fills in each outcome's results."""
+        pending = batch.pending
         boxes = self._roi_boxes(pending)
         for name, engine in self.engines.items():
             if engine.manifest.kind != "classifier":
@@ -144,7 +158,7 @@ class Screener:
             items = [pe for pe in pending if name in pe.engines and not pe.outcome.failed]
             for start in range(0, len(items), self.batch_size):
                 self._run_classifier(name, engine, items[start:start + self.batch_size], boxes)
-        return outcomes
+        return batch.outcomes
 
     def _roi_boxes(self, pending: list[_Pending]) -> dict[int, pp.Box]:
         """Boxes from the ROI engine for images whose engines need one (id(pending) -> box)."""
