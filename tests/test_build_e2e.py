@@ -73,3 +73,25 @@ def test_node_tensor_equals_trainer_tensor(built):
         node_tensor = pp.preprocess(gray, man.preprocessing, man.normalization)
         assert node_tensor.dtype == trainer_tensor.dtype
         assert np.array_equal(node_tensor, trainer_tensor)
+
+
+def test_node_dicom_path_equals_trainer_tensor(built, tmp_path):
+    """The same pixels arriving as DICOM (8-bit, identity window) give the trainer's tensor."""
+    import pydicom
+
+    from screener.dicom_image import dataset_to_gray8
+    from tests.dicom_factory import make_dx, make_study_ids
+
+    opts, folder = built
+    man = mf.load(folder)
+    prepared = load_prepared(opts.data, man.preprocessing, SplitSpec(seed=man.data["split_seed"]), False)
+    ds_trainer = PreparedDataset(prepared.images, prepared.labels, man.normalization)
+    for i in (0, 5, 17):
+        gray = pp.read_image_gray8(str(prepared.samples[i].image_path))
+        ds = make_dx(gray, make_study_ids(), "LL", bits=8)
+        ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 128, 256, "LINEAR"  # identity VOI for 8-bit data
+        path = tmp_path / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        node_gray = dataset_to_gray8(pydicom.dcmread(path))
+        node_tensor = pp.preprocess(node_gray, man.preprocessing, man.normalization)
+        assert np.array_equal(node_tensor, ds_trainer[i][0].numpy())
