@@ -432,23 +432,35 @@ class RoiDataset(Dataset):
 # --------------------------------------------------------------------------- model
 
 class BoxRegressor(nn.Module):
-    """ResNet18 -> 4 outputs -> sigmoid (cx, cy, w, h) -> normalized box (x0, y0, x1, y1), shape (N, 4).
+    """ResNet18 -> normalized box (x0, y0, x1, y1) relative to the letterboxed input, shape (N, 4).
 
-    This module is what is exported (input ``image``, output ``box``)."""
+    head "integral": a light FPN (layer4 upsampled onto layer3, stride 16) gives one logit map per
+    box edge; each edge is the expectation of its coordinate under the map's softmax (integral
+    regression), the grid's first and last cell centres mapped to 0 and 1.
+    head "global": global average pooling -> 4 outputs -> sigmoid (cx, cy, w, h).
+    Either way x0 <= x1 and y0 <= y1. This module is what is exported (input ``image``, output ``box``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, head: str = "integral") -> None:
         super().__init__()
         from torchvision.models import resnet18
 
+        if head not in ("integral", "global"):
+            raise ValueError(f"unknown head {head!r}")
+        self.head = head
         self.backbone = resnet18(weights=None)
         self.backbone.fc = nn.Linear(self.backbone.fc.in_features, 4)
         nn.init.normal_(self.backbone.fc.weight, std=0.01)
         nn.init.zeros_(self.backbone.fc.bias)
+        if head == "integral":
+            self.lateral = nn.Conv2d(256, 128, 1)
+            self.top = nn.Conv2d(512, 128, 1)
+            self.edges = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+                                       nn.Conv2d(128, 4, 1))
 
     def init_bias(self, targets: np.ndarray) -> None:
-        """Start the head at the mean training box (speeds up the first epochs)."""
+        """Start the global head at the mean training box (speeds up the first epochs)."""
         t = np.asarray(targets, dtype=np.float64).reshape(-1, 4)
-        if len(t) == 0:
+        if len(t) == 0 or self.head != "global":
             return
         c = np.stack([(t[:, 0] + t[:, 2]) / 2, (t[:, 1] + t[:, 3]) / 2, t[:, 2] - t[:, 0], t[:, 3] - t[:, 1]], 1)
         m = np.clip(c.mean(0), 0.02, 0.98)
@@ -456,9 +468,28 @@ class BoxRegressor(nn.Module):
             self.backbone.fc.bias.copy_(torch.tensor(np.log(m / (1 - m)), dtype=torch.float32))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(self.backbone(image))
-        centre, half = p[:, :2], p[:, 2:] / 2
-        return torch.cat([centre - half, centre + half], dim=1)
+        b = self.backbone
+        if self.head == "global":
+            p = torch.sigmoid(b(image))
+            centre, half = p[:, :2], p[:, 2:] / 2
+            return torch.cat([centre - half, centre + half], dim=1)
+        x = b.maxpool(b.relu(b.bn1(b.conv1(image))))
+        c3 = b.layer3(b.layer2(b.layer1(x)))
+        c4 = b.layer4(c3)
+        f = self.lateral(c3) + nn.functional.interpolate(self.top(c4), size=c3.shape[-2:], mode="nearest")
+        logits = self.edges(f)  # (N, 4, H, W): left, top, right, bottom
+        h, w = logits.shape[-2:]
+        gx = torch.linspace(0.0, 1.0, w, device=logits.device, dtype=logits.dtype) if w > 1 else \
+            torch.full((1,), 0.5, device=logits.device, dtype=logits.dtype)
+        gy = torch.linspace(0.0, 1.0, h, device=logits.device, dtype=logits.dtype) if h > 1 else \
+            torch.full((1,), 0.5, device=logits.device, dtype=logits.dtype)
+        px = torch.softmax(torch.logsumexp(logits[:, [0, 2]], dim=2), dim=-1)  # (N, 2, W): x marginals
+        py = torch.softmax(torch.logsumexp(logits[:, [1, 3]], dim=3), dim=-1)  # (N, 2, H): y marginals
+        xs = (px * gx).sum(-1)
+        ys = (py * gy).sum(-1)
+        x0, x1 = torch.minimum(xs[:, 0], xs[:, 1]), torch.maximum(xs[:, 0], xs[:, 1])
+        y0, y1 = torch.minimum(ys[:, 0], ys[:, 1]), torch.maximum(ys[:, 0], ys[:, 1])
+        return torch.stack([x0, y0, x1, y1], dim=1)
 
 
 def load_pretrained_resnet18(model: BoxRegressor, path: Path | None) -> dict[str, Any]:
