@@ -35,6 +35,16 @@ def scrub_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[st
     return event_dict
 
 
+class _Stderr:
+    """Writes to whatever sys.stderr is at the time of writing (not at configure time)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(renderer: str = "console", level: str = "info", stream: Any = None) -> None:
     """Configure structlog once per process. renderer: 'console' or 'json'."""
     numeric = logging.getLevelName(level.upper())
@@ -54,7 +64,7 @@ def configure(renderer: str = "console", level: str = "info", stream: Any = None
             final,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or _Stderr()),
         cache_logger_on_first_use=False,
     )
 

@@ -9,7 +9,7 @@ Jobs (apscheduler, one thread each, never overlapping themselves):
 - ``send``: C-STORE of due outbox entries; failures retry with exponential
   backoff (``send_backoff_s`` x 2^attempt) until ``send_retries``, then the study
   is ``failed`` and stays visible (``screener resend`` re-queues it).
-- ``retention``: deletes sent studies older than ``retention_days``.
+- ``retention``: deletes sent and skipped studies older than ``retention_days``.
 
 Every state change goes through the store (persisted, logged, audited), so a
 restart resumes where the node stopped.
@@ -261,7 +261,9 @@ class Node:
 
     def apply_retention(self) -> None:
         try:
-            self.store.retention(self.settings.schedule.retention_days)
+            # Sent studies, and studies with nothing to screen (e.g. chest films a PACS forwarded):
+            # neither should keep images on this node beyond the retention period.
+            self.store.retention(self.settings.schedule.retention_days, states=("sent", "skipped"))
         except Exception:  # noqa: BLE001
             log.exception("job_failed", job="retention")
 

@@ -153,8 +153,9 @@ def test_storescu_to_sr_at_storescp(node, storescp, built, tmp_path):
     assert pydicom.dcmread(jpeg, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEG_LOSSLESS_SV1
     uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (plain, jpeg)]
 
-    sent = run("storescu", "-v", "-aec", "CSPINE", "-aet", "MODALITY", "127.0.0.1", str(node.port), str(plain),
-               str(jpeg))
+    # -xs: also propose JPEG Lossless (storescu proposes only uncompressed syntaxes by default).
+    sent = run("storescu", "-v", "-xs", "-aec", "CSPINE", "-aet", "MODALITY", "127.0.0.1", str(node.port),
+               str(plain), str(jpeg))
     assert sent.returncode == 0, output(sent)
     assert output(sent).count("Received Store Response (Success)") == 2, output(sent)
     assert {node.store.get_instance(u).state for u in uids} <= {"received", "screened", "reported", "sent"}

@@ -157,6 +157,9 @@ class Orthanc:
             try:
                 self.get("/system")
                 return self
+            except urllib.error.HTTPError as exc:  # it answers, but refuses us: no point in waiting
+                self.stop()
+                raise AssertionError(f"Orthanc refused GET /system: HTTP {exc.code}\n{self.log_tail()}") from None
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.2)
         self.stop()

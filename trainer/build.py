@@ -159,7 +159,8 @@ def load_prepared(data: Path, rcp: pp.Recipe, spec: SplitSpec, progress: bool, t
 def _work_dir(opts: BuildOptions, rcp: pp.Recipe, fp: str, cfg: TrainConfig) -> Path:
     """Checkpoint folder; cleared when data, recipe or training settings differ from last time."""
     work = opts.out / ".work" / opts.task
-    meta = {"fingerprint": fp, "recipe": rcp.to_dict(), "train": cfg.to_dict(), "stn": opts.stn,
+    train_cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("epochs", "patience")}  # extendable
+    meta = {"fingerprint": fp, "recipe": rcp.to_dict(), "train": train_cfg, "stn": opts.stn,
             "pretrained": str(opts.pretrained or ""), "augment": opts.augment, "split_seed": opts.split_seed}
     meta_file = work / "meta.json"
     if meta_file.is_file():

@@ -453,7 +453,7 @@ class BoxRegressor(nn.Module):
         nn.init.zeros_(self.backbone.fc.bias)
         if head == "integral":
             self.lateral = nn.Conv2d(256, 128, 1)
-            self.top = nn.Conv2d(512, 128, 1)
+            self.top = nn.ConvTranspose2d(512, 128, 2, stride=2)
             self.edges = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
                                        nn.Conv2d(128, 4, 1))
 
@@ -476,15 +476,17 @@ class BoxRegressor(nn.Module):
         x = b.maxpool(b.relu(b.bn1(b.conv1(image))))
         c3 = b.layer3(b.layer2(b.layer1(x)))
         c4 = b.layer4(c3)
-        f = self.lateral(c3) + nn.functional.interpolate(self.top(c4), size=c3.shape[-2:], mode="nearest")
-        logits = self.edges(f)  # (N, 4, H, W): left, top, right, bottom
+        # input sizes are multiples of 32, so layer4 is exactly half of layer3; a transposed convolution
+        # upsamples it (an ONNX Resize would defeat the int8 quantizer's symbolic shape inference)
+        f = self.lateral(c3) + self.top(c4)
+        logits = self.edges(f)  # (N, 4, H, W): left, right, top, bottom
         h, w = logits.shape[-2:]
         gx = torch.linspace(0.0, 1.0, w, device=logits.device, dtype=logits.dtype) if w > 1 else \
             torch.full((1,), 0.5, device=logits.device, dtype=logits.dtype)
         gy = torch.linspace(0.0, 1.0, h, device=logits.device, dtype=logits.dtype) if h > 1 else \
             torch.full((1,), 0.5, device=logits.device, dtype=logits.dtype)
-        px = torch.softmax(torch.logsumexp(logits[:, [0, 2]], dim=2), dim=-1)  # (N, 2, W): x marginals
-        py = torch.softmax(torch.logsumexp(logits[:, [1, 3]], dim=3), dim=-1)  # (N, 2, H): y marginals
+        px = torch.softmax(torch.logsumexp(logits[:, 0:2], dim=2), dim=-1)  # (N, 2, W): x marginals
+        py = torch.softmax(torch.logsumexp(logits[:, 2:4], dim=3), dim=-1)  # (N, 2, H): y marginals
         xs = (px * gx).sum(-1)
         ys = (py * gy).sum(-1)
         x0, x1 = torch.minimum(xs[:, 0], xs[:, 1]), torch.maximum(xs[:, 0], xs[:, 1])

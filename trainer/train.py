@@ -54,6 +54,15 @@ class TrainResult:
     device: str = "cpu"
 
 
+# A run may be resumed with more epochs or another patience; anything else starts afresh.
+_EXTENDABLE = ("epochs", "patience")
+
+
+def _resumable(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    strip = lambda d: {k: v for k, v in d.items() if k not in _EXTENDABLE}  # noqa: E731
+    return strip(saved) == strip(current)
+
+
 def class_weights(labels: np.ndarray) -> torch.Tensor:
     """Inverse-frequency weights (mean 1) from the training labels only."""
     counts = np.bincount(labels, minlength=2).astype(np.float64)
@@ -106,12 +115,14 @@ def train(model: nn.Module, train_ds: PreparedDataset, val_ds: PreparedDataset, 
     last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
     if resume and last_path.is_file():
         state = torch.load(last_path, map_location=device, weights_only=False)
-        if state.get("config") == cfg.to_dict():
+        if _resumable(state.get("config", {}), cfg.to_dict()):
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start_epoch, best_auc, best_epoch = state["epoch"] + 1, state["best_auc"], state["best_epoch"]
             history, bad_epochs = state["history"], state["bad_epochs"]
+            if state["config"].get("epochs") != cfg.epochs:
+                bad_epochs = 0  # extended run: give the new epochs a fair chance
             log.info("training_resumed", epoch=start_epoch, best_val_auroc=best_auc)
         else:
             log.warning("checkpoint_ignored", reason="training configuration changed", file=str(last_path))
