@@ -38,6 +38,12 @@ def send_file(path: Path, destination: Destination | str, calling_aet: str,
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
         return False, f"association to {dest.ae_title}@{dest.host}:{dest.port} {reason}"
+    accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+    if Comprehensive3DSRStorage not in accepted and ComprehensiveSRStorage in accepted:
+        # A PACS without Comprehensive 3D SR: the same content is a valid Comprehensive SR (only 2-D SCOORDs).
+        ds.SOPClassUID = ComprehensiveSRStorage
+        if "file_meta" in ds:
+            ds.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
     try:
         status = assoc.send_c_store(ds)
     except Exception as exc:  # noqa: BLE001
