@@ -14,29 +14,54 @@ from typing import Sequence
 from screener import config, logs
 from screener.errors import UserError
 
-DEMO_SIZES = {"spondylosis": dict(n=160, image_size=96, epochs=2)}
+# Small and quick: these engines show the node working; they are not meant to be accurate.
+DEMO = {
+    "spondylosis": dict(image_size=96, epochs=2),
+    "roi": dict(image_size=96, epochs=3),
+    "stenosis": dict(image_size=96, epochs=2),
+}
+ORDER = ("spondylosis", "roi", "stenosis")  # the stenosis build uses the ROI engine
 
 
 def missing_engines(settings: config.Settings, engines_dir: Path) -> list[str]:
     return [name for name in settings.engines.enabled if not (engines_dir / name / "manifest.json").is_file()]
 
 
+def _data(work: Path, kind: str) -> Path:
+    from trainer.synth import synthesize
+    from trainer.synth_oblique import synthesize_oblique
+
+    data = work / f"demo-{kind}"
+    if not (data / "datasets.xlsx").is_file():
+        print(f"demo: writing synthetic {kind} images to {data}", file=sys.stderr)
+        if kind == "lateral":
+            synthesize(data, n=160, seed=11, healthy_fraction=0.3)
+        else:
+            synthesize_oblique(data, n=160, seed=11, positive_fraction=0.4, annotated_fraction=0.6)
+    return data
+
+
 def build_demo(engines_dir: Path, names: Sequence[str], work: Path) -> None:
     from trainer.build import BuildOptions, build_engine
-    from trainer.synth import synthesize
 
-    for name in names:
-        if name not in DEMO_SIZES:
-            raise UserError(f"no demo recipe for engine '{name}': build it with `trainer build-engine --task {name}`")
-        size = DEMO_SIZES[name]
-        data = work / f"demo-{name}"
-        if not (data / "datasets.xlsx").is_file():
-            print(f"demo: writing {size['n']} synthetic images to {data}", file=sys.stderr)
-            synthesize(data, n=size["n"], seed=11, healthy_fraction=0.3)
-        print(f"demo: building the {name} demo engine (small, not validated)", file=sys.stderr)
-        build_engine(BuildOptions(task=name, data=data, out=engines_dir, image_size=size["image_size"],
-                                  epochs=size["epochs"], batch_size=16, augment="light", demo=True,
-                                  n_boot=500, version=f"demo-{name}"))
+    unknown = [n for n in names if n not in DEMO]
+    if unknown:
+        raise UserError(f"no demo recipe for engine(s) {', '.join(unknown)}: build with `trainer build-engine`")
+    for name in [n for n in ORDER if n in names]:
+        size = DEMO[name]
+        print(f"demo: building the {name} demo engine (small, synthetic, not validated)", file=sys.stderr)
+        common = dict(out=engines_dir, image_size=size["image_size"], epochs=size["epochs"], batch_size=16,
+                      augment="light", demo=True, n_boot=500, version=f"demo-{name}")
+        if name == "spondylosis":
+            opts = BuildOptions(task=name, data=_data(work, "lateral"), **common)
+        elif name == "roi":
+            opts = BuildOptions(task=name, data=_data(work, "lateral"), extra_data=(_data(work, "oblique"),),
+                                **common)
+        else:
+            roi = engines_dir / "roi"
+            opts = BuildOptions(task=name, data=_data(work, "oblique"),
+                                roi_engine=roi if (roi / "manifest.json").is_file() else None, **common)
+        build_engine(opts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

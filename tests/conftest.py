@@ -71,3 +71,25 @@ def built(tmp_path_factory):
     opts = BuildOptions(task="spondylosis", data=data, out=root / "engines", image_size=64, epochs=2,
                         batch_size=8, progress=False, n_boot=200, augment="light", demo=True)
     return opts, build_engine(opts)
+
+
+@pytest.fixture(scope="session")
+def all_engines(built, tmp_path_factory):
+    """spondylosis + roi + stenosis engines in one engines folder (small, for tests)."""
+    import shutil
+
+    from trainer.build import BuildOptions, build_engine
+    from trainer.synth_oblique import synthesize_oblique
+
+    root = tmp_path_factory.mktemp("all-engines")
+    engines = root / "engines"
+    engines.mkdir()
+    shutil.copytree(built[1], engines / "spondylosis")
+    oblique = root / "oblique"
+    synthesize_oblique(oblique, n=64, seed=5, positive_fraction=0.4, annotated_fraction=0.6)
+    roi = build_engine(BuildOptions(task="roi", data=built[0].data, extra_data=(oblique,), out=engines,
+                                    image_size=64, epochs=1, batch_size=8, progress=False, n_boot=100, demo=True))
+    stenosis = build_engine(BuildOptions(task="stenosis", data=oblique, roi_engine=roi, out=engines, image_size=64,
+                                         epochs=1, batch_size=8, progress=False, n_boot=100, demo=True,
+                                         augment="light"))
+    return {"dir": engines, "oblique": oblique, "roi": roi, "stenosis": stenosis}

@@ -75,12 +75,12 @@ def send_images(datasets, port: int, called: str = "CSPINE", calling: str = "MOD
         assoc.release()
 
 
-def node_settings(var: Path, engines_dir: Path, destinations, **schedule) -> config.Settings:
+def node_settings(var: Path, engines_dir: Path, destinations, enabled=("spondylosis",), **schedule) -> config.Settings:
     base = config.load("config.toml")
     sched = dataclasses.replace(base.schedule, **{"study_stable_s": 0.5, "batch_interval_s": 0.2,
                                                   "send_backoff_s": 0.2, "send_retries": 50, **schedule})
     node = dataclasses.replace(base.node, port=0, host="127.0.0.1", var_dir=str(var), min_free_mb=1)
-    engines = dataclasses.replace(base.engines, dir=str(engines_dir), backend="onnx-fp32")
+    engines = dataclasses.replace(base.engines, dir=str(engines_dir), backend="onnx-fp32", enabled=list(enabled))
     logging = dataclasses.replace(base.logging, level="warning")
     return dataclasses.replace(base, node=node, schedule=sched, engines=engines, destinations=list(destinations),
                                logging=logging)

@@ -35,10 +35,12 @@ def dciodvfy_errors(path):
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
-def test_study_to_sr(tmp_path, engines_dir, study):
+def test_study_to_sr(tmp_path, all_engines, study):
+    """A lateral and two obliques -> one SR with spondylosis on the lateral, ROI + stenosis on the obliques."""
     ids, images = study
     scp = CollectingSCP().start()
-    node = Node(node_settings(tmp_path / "var", engines_dir, [scp.destination]))
+    node = Node(node_settings(tmp_path / "var", all_engines["dir"], [scp.destination],
+                              enabled=("spondylosis", "roi", "stenosis")))
     node.start()
     try:
         assert send_images(images, node.port) == [0, 0, 0]
@@ -49,9 +51,16 @@ def test_study_to_sr(tmp_path, engines_dir, study):
     assert sr.StudyInstanceUID == ids["StudyInstanceUID"]
     assert sr.SeriesInstanceUID not in {im.SeriesInstanceUID for im in images}
     assert "NOT FOR DIAGNOSIS" in sr.SeriesDescription.upper()
-    rows = summarize(sr)
-    lateral_uid = images[0].SOPInstanceUID
-    assert any(r["source_sop_instance_uid"] == lateral_uid for r in rows)
+    rows = {r["source_sop_instance_uid"]: r for r in summarize(sr)}
+    assert set(rows) == {im.SOPInstanceUID for im in images}
+    lateral, lao, rao = (rows[im.SOPInstanceUID] for im in images)
+    assert "spondylosis" in lateral["finding"].lower() and lateral["roi"] is None
+    for row, side in ((lao, "L"), (rao, "R")):
+        assert "stenosis" in row["finding"].lower()
+        assert row["roi"] is not None and row["laterality"] == side
+    for row in rows.values():
+        assert row["present"] == (row["probability"] >= float(
+            next(p for p in row["parameters"] if p.startswith("threshold=")).split("=")[1]))
     if shutil.which("dciodvfy"):
         path = tmp_path / "sr.dcm"
         sr.save_as(path, enforce_file_format=True)

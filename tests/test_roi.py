@@ -110,6 +110,55 @@ def test_wide_window_clipped_and_containment_uses_image_bounds():
     assert m["wide_crop_containment"] == 0.0
 
 
+# --------------------------------------------------------------------------- data sets
+
+def test_items_from_lateral_and_oblique_roots(tmp_path, monkeypatch, mini_csxa):
+    """Oblique roots go through trainer.oblique.load_oblique (a stand-in here): unannotated images are
+    skipped and counted; groups of different roots never merge; splits are per root, by patient."""
+    import sys
+    import types
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    from tests.conftest import write_sheet
+    from trainer.csxa import LoadReport
+    from trainer.splits import SplitSpec
+
+    obl = tmp_path / "oblique"
+    obl.mkdir()
+    write_sheet(obl / "datasets.xlsx", [(1, 0, 40, "L", 0)],
+                header=["Number", "Gender", "Age", "View: L. left oblique; R. right oblique", "Stenosis"])
+    assert root_kind(obl) == "oblique" and root_kind(mini_csxa) == "lateral"
+
+    @dataclass(frozen=True)
+    class FakeOblique:
+        image_path: Path
+        box: tuple | None
+        view: str
+        label: int
+        group: str
+
+    samples = [FakeOblique(obl / f"{i:04d}040.png", (10.0, 20.0, 110.0, 220.0) if i % 3 else None,
+                           "L" if i % 2 else "R", i % 2, f"P{i // 2:04d}") for i in range(1, 13)]
+    fake = types.ModuleType("trainer.oblique")
+    fake.load_oblique = lambda root: (samples, LoadReport(root=str(root)))
+    monkeypatch.setitem(sys.modules, "trainer.oblique", fake)
+
+    items, problems = roi_items_from([mini_csxa], [obl], spec=SplitSpec(seed=1))
+    lateral = [it for it in items if it.view == "lateral"]
+    oblique = [it for it in items if it.view != "lateral"]
+    assert len(lateral) == 6 and lateral[0].box == (100.0, 100.0, 160.0, 320.0)  # conftest keypoints' box
+    assert len(oblique) == 8 and {it.view for it in oblique} == {"L", "R"}
+    assert problems["unannotated_skipped"] == 4
+    assert [r["kind"] for r in problems["roots"]] == ["lateral", "oblique"]
+    assert not {it.group for it in lateral} & {it.group for it in oblique}
+    assert all(it.split in ("train", "validation", "test") for it in items)
+    by_group: dict[str, set[str]] = {}
+    for it in items:
+        by_group.setdefault(it.group, set()).add(it.split)
+    assert all(len(s) == 1 for s in by_group.values())
+
+
 # --------------------------------------------------------------------------- augmentation
 
 def test_augment_keeps_box_on_the_object():

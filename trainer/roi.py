@@ -8,11 +8,13 @@ It gives the node the box that annotations give the trainer (the spondylosis ``c
   without one are skipped and counted (a data set may annotate only part of its images).
 
 Model: a torchvision ResNet18 (random init, or a local ``--pretrained`` ResNet18 state
-dict) whose 4-output head gives sigmoid (cx, cy, w, h), returned as the normalized box
-(x0, y0, x1, y1) relative to the letterboxed square the ``roi_input`` recipe feeds it
-(x0 < x1 and y0 < y1 by construction). The input is the shared preprocessing
-(``prepare`` with crop ``full``, then ``normalize``); ``screener.roi`` maps the output
-back to source pixels, on the trainer and on the node alike.
+dict) with an integral-regression head: layer4 upsampled onto layer3 (stride 16), one logit
+map per box edge, each edge the expected coordinate under its map's softmax. Output: the
+normalized box (x0, y0, x1, y1) relative to the letterboxed square the ``roi_input`` recipe
+feeds it (x0 <= x1, y0 <= y1). The spatial head learned clearly faster than global pooling +
+4 sigmoid outputs (300 synthetic images, 128 px, 12 epochs: validation mean IoU 0.77 vs 0.70).
+The input is the shared preprocessing (``prepare`` with crop ``full``, then ``normalize``);
+``screener.roi`` maps the output back to source pixels, on the trainer and on the node alike.
 
 Loss: 5 x smooth L1 (beta 0.02) on the normalized coordinates + 2 x (1 - GIoU).
 Augmentation (training only; each keeps the box exact): horizontal flip, scale
@@ -281,7 +283,8 @@ def wide_window(box: pp.Box, shape: tuple[int, int] | None = None) -> tuple[floa
     """The ``wide_crop`` window of a box before the square step: grown by the recipe's margins
     (200 px above and below, 100 px left and right) and, given the image `shape`, clipped to it."""
     if shape is not None:
-        return tuple(float(v) for v in pp.window((int(shape[0]), int(shape[1])), _WIDE_NOSQUARE, box))  # type: ignore[return-value]
+        wx0, wy0, wx1, wy1 = pp.window((int(shape[0]), int(shape[1])), _WIDE_NOSQUARE, box)
+        return float(wx0), float(wy0), float(wx1), float(wy1)
     x0, y0, x1, y1 = (float(v) for v in box)
     mx, my = _WIDE_NOSQUARE.wide_margin_x, _WIDE_NOSQUARE.wide_margin_y
     return x0 - mx, y0 - my, x1 + mx, y1 + my
@@ -434,45 +437,25 @@ class RoiDataset(Dataset):
 class BoxRegressor(nn.Module):
     """ResNet18 -> normalized box (x0, y0, x1, y1) relative to the letterboxed input, shape (N, 4).
 
-    head "integral": a light FPN (layer4 upsampled onto layer3, stride 16) gives one logit map per
-    box edge; each edge is the expectation of its coordinate under the map's softmax (integral
-    regression), the grid's first and last cell centres mapped to 0 and 1.
-    head "global": global average pooling -> 4 outputs -> sigmoid (cx, cy, w, h).
-    Either way x0 <= x1 and y0 <= y1. This module is what is exported (input ``image``, output ``box``)."""
+    Integral regression: a light FPN (layer4, upsampled by a stride-2 transposed convolution,
+    added to layer3: stride 16) gives one logit map per box edge; each edge is the expected
+    coordinate under the softmax of its map (the grid's first and last cell centres mapped to
+    0 and 1), so x0 <= x1 and y0 <= y1 after ordering. Input sizes must be multiples of 32.
+    This module is what is exported (input ``image``, output ``box``)."""
 
-    def __init__(self, head: str = "integral") -> None:
+    def __init__(self) -> None:
         super().__init__()
         from torchvision.models import resnet18
 
-        if head not in ("integral", "global"):
-            raise ValueError(f"unknown head {head!r}")
-        self.head = head
         self.backbone = resnet18(weights=None)
-        self.backbone.fc = nn.Linear(self.backbone.fc.in_features, 4)
-        nn.init.normal_(self.backbone.fc.weight, std=0.01)
-        nn.init.zeros_(self.backbone.fc.bias)
-        if head == "integral":
-            self.lateral = nn.Conv2d(256, 128, 1)
-            self.top = nn.ConvTranspose2d(512, 128, 2, stride=2)
-            self.edges = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
-                                       nn.Conv2d(128, 4, 1))
-
-    def init_bias(self, targets: np.ndarray) -> None:
-        """Start the global head at the mean training box (speeds up the first epochs)."""
-        t = np.asarray(targets, dtype=np.float64).reshape(-1, 4)
-        if len(t) == 0 or self.head != "global":
-            return
-        c = np.stack([(t[:, 0] + t[:, 2]) / 2, (t[:, 1] + t[:, 3]) / 2, t[:, 2] - t[:, 0], t[:, 3] - t[:, 1]], 1)
-        m = np.clip(c.mean(0), 0.02, 0.98)
-        with torch.no_grad():
-            self.backbone.fc.bias.copy_(torch.tensor(np.log(m / (1 - m)), dtype=torch.float32))
+        self.backbone.fc = nn.Identity()  # unused: the head reads layer3 and layer4
+        self.lateral = nn.Conv2d(256, 128, 1)
+        self.top = nn.ConvTranspose2d(512, 128, 2, stride=2)
+        self.edges = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+                                   nn.Conv2d(128, 4, 1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         b = self.backbone
-        if self.head == "global":
-            p = torch.sigmoid(b(image))
-            centre, half = p[:, :2], p[:, 2:] / 2
-            return torch.cat([centre - half, centre + half], dim=1)
         x = b.maxpool(b.relu(b.bn1(b.conv1(image))))
         c3 = b.layer3(b.layer2(b.layer1(x)))
         c4 = b.layer4(c3)
@@ -485,8 +468,11 @@ class BoxRegressor(nn.Module):
             torch.full((1,), 0.5, device=logits.device, dtype=logits.dtype)
         gy = torch.linspace(0.0, 1.0, h, device=logits.device, dtype=logits.dtype) if h > 1 else \
             torch.full((1,), 0.5, device=logits.device, dtype=logits.dtype)
-        px = torch.softmax(torch.logsumexp(logits[:, 0:2], dim=2), dim=-1)  # (N, 2, W): x marginals
-        py = torch.softmax(torch.logsumexp(logits[:, 2:4], dim=3), dim=-1)  # (N, 2, H): y marginals
+        # per edge a softmax over the whole map, then its marginal along the edge's axis
+        # (no ReduceLogSumExp: the int8 quantizer's shape inference does not know it)
+        p = torch.softmax(logits.reshape(-1, 4, h * w), dim=-1).reshape(-1, 4, h, w)
+        px = p[:, 0:2].sum(dim=2)  # (N, 2, W): x marginals of the left and right edges
+        py = p[:, 2:4].sum(dim=3)  # (N, 2, H): y marginals of the top and bottom edges
         xs = (px * gx).sum(-1)
         ys = (py * gy).sum(-1)
         x0, x1 = torch.minimum(xs[:, 0], xs[:, 1]), torch.maximum(xs[:, 0], xs[:, 1])
@@ -859,6 +845,8 @@ def build_roi_engine(opts: Any) -> Path:
     if rcp.crop != "full" or rcp.colour != "gray":
         raise UserError(f"--recipe {recipe_name}: the ROI engine takes the whole image (crop 'full', gray); "
                         f"use {RECIPE_NAME}")
+    if rcp.image_size % 32:
+        raise UserError(f"--image-size {rcp.image_size}: the ROI engine needs a multiple of 32 (e.g. 128, 256)")
     t_start = time.perf_counter()
     progress = bool(getattr(opts, "progress", True))
     lateral, oblique, described = _roots(opts)
@@ -880,7 +868,6 @@ def build_roi_engine(opts: Any) -> Path:
     model = BoxRegressor()
     pre_info = load_pretrained_resnet18(model, getattr(opts, "pretrained", None))
     norm = pp.IMAGENET if getattr(opts, "pretrained", None) else gray_normalization(data.images[tr])
-    model.init_bias(data.targets[tr])
     cfg = RoiTrainConfig(epochs=opts.epochs, batch_size=getattr(opts, "batch_size", 0) or DEFAULT_BATCH,
                          patience=opts.patience, seed=opts.split_seed % 10_000)
     aug = AUGMENT_PRESETS[opts.augment]
@@ -890,8 +877,8 @@ def build_roi_engine(opts: Any) -> Path:
         "pretrained": pre_info, "loss": f"{cfg.l1_weight} x smooth L1 (beta {cfg.l1_beta}) + "
                                          f"{cfg.giou_weight} x (1 - GIoU)",
         "optimizer": "adam, cosine schedule", "architecture":
-            "torchvision resnet18, 4-output head: sigmoid (cx, cy, w, h) -> box (x0, y0, x1, y1) "
-            "normalized to the letterboxed input",
+            "torchvision resnet18 + integral-regression head (layer4 upsampled onto layer3, one softmax map "
+            "per box edge) -> box (x0, y0, x1, y1) normalized to the letterboxed input",
     }
     checkpoint = getattr(opts, "checkpoint", None)
     if checkpoint:
