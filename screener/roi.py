@@ -21,7 +21,7 @@ import numpy as np
 
 from screener import preprocessing as pp
 
-__all__ = ["box_from_output", "box_to_output", "predict_boxes", "MIN_BOX_PX"]
+__all__ = ["box_from_output", "box_to_output", "predict_boxes", "iou", "MIN_BOX_PX"]
 
 MIN_BOX_PX = 1.0  # a returned box is at least this wide and high (source pixels)
 

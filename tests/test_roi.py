@@ -262,3 +262,16 @@ def test_roi_onnx_matches_torch_and_trainer_tensor_equals_node_tensor(roi_built)
     got = sess.run(None, {man.input_name: x})[0]
     assert got.shape == (4, 4)
     assert np.max(np.abs(got - expected)) < 1e-4
+
+
+@pytest.mark.slow
+def test_roi_build_resumes_from_its_checkpoints(roi_built):
+    """A second build with the same data and settings reuses the finished training (no new epochs)."""
+    from trainer.roi import build_roi_engine
+
+    opts, folder = roi_built
+    best = opts.out / ".work" / "roi" / "best.pt"
+    before = (best.stat().st_mtime_ns, mf.load(folder).metrics["test"]["mean_iou"])
+    again = build_roi_engine(opts)
+    assert again == folder
+    assert (best.stat().st_mtime_ns, mf.load(folder).metrics["test"]["mean_iou"]) == before

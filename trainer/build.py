@@ -162,6 +162,7 @@ def _work_dir(opts: BuildOptions, rcp: pp.Recipe, fp: str, cfg: TrainConfig) -> 
     train_cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("epochs", "patience")}  # extendable
     meta = {"fingerprint": fp, "recipe": rcp.to_dict(), "train": train_cfg, "stn": opts.stn,
             "pretrained": str(opts.pretrained or ""), "augment": opts.augment, "split_seed": opts.split_seed}
+    meta = json.loads(json.dumps(meta))  # as it reads back (tuples become lists)
     meta_file = work / "meta.json"
     if meta_file.is_file():
         try:

@@ -664,9 +664,11 @@ def _examples_figure(path: Path, images: np.ndarray, shapes: np.ndarray, true: n
     from trainer.report import Figure, _save
 
     order = np.argsort(ious)
-    worst = list(order[: min(k // 2, len(order))])
-    rest = [i for i in order[np.linspace(0, len(order) - 1, num=min(k, len(order))).astype(int)] if i not in worst]
-    chosen = (worst + rest)[:k]
+    worst = [int(i) for i in order[: min(k // 2, len(order))]]
+    others = order[len(worst):]
+    n_rest = min(k - len(worst), len(others))
+    rest = [int(others[j]) for j in np.linspace(0, len(others) - 1, num=n_rest).astype(int)] if n_rest else []
+    chosen = worst + rest
     cols = min(4, len(chosen))
     rows = int(math.ceil(len(chosen) / cols))
     fig = Figure(figsize=(3.0 * cols, 3.2 * rows))
@@ -780,6 +782,7 @@ def _roots(opts: Any) -> tuple[list[Path], list[Path], list[dict[str, str]]]:
 def _work_dir(out: Path, meta: dict[str, Any]) -> Path:
     """Checkpoint folder; cleared when data or training settings differ from last time."""
     work = out / ".work" / "roi"
+    meta = json.loads(json.dumps(meta))  # tuples -> lists, as they come back from the file
     meta_file = work / "meta.json"
     if meta_file.is_file():
         try:
