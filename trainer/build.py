@@ -327,16 +327,7 @@ def _export_backends(head: torch.nn.Module, folder: Path, rcp: pp.Recipe, opts: 
         info.update({"onnx_fp32_test_auroc": auc32, "onnx_fp32_max_abs_diff": diff,
                      "onnx_int8_test_auroc": auc8, "onnx_int8_max_abs_diff": diff8, "onnx_int8_kept": keep})
         log.info("onnx_exported", max_abs_diff=diff, int8_auroc=auc8, fp32_auroc=auc32, int8_kept=keep)
-    if opts.backend in ("tensorrt", "all"):
-        ok, reason = export.tensorrt_available()
-        if not ok:
-            msg = f"TensorRT backend skipped: {reason}"
-            print(msg)
-            info["tensorrt"] = msg
-            if opts.backend == "tensorrt":
-                raise UserError(f"{msg}. Build with --backend onnx on this host.")
-        else:
-            trt = export.export_tensorrt(head, folder / "model.trt.ep", rcp.image_size)
-            backends.append(export.backend_record("tensorrt-fp16", trt, folder, "fp16"))
-            info["tensorrt"] = "built"
+    trt = export.tensorrt_backend(head, folder, rcp.image_size, opts.backend, info)
+    if trt is not None:
+        backends.append(trt)
     return backends, info

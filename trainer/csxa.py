@@ -12,6 +12,7 @@ the file named.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -120,28 +121,32 @@ def read_sheet(path: Path) -> tuple[list[str], list[tuple[Any, ...]]]:
     raise DataError(f"{path}: no header row with a 'Number' column in the first 10 rows (unknown layout)")
 
 
-def match_columns(names: list[str], path: Path) -> dict[str, int]:
-    """Column index per required field, matched by prefix (case-insensitive)."""
+def match_columns(names: list[str], path: Path, prefixes: dict[str, str] | None = None,
+                  layout: str = "") -> dict[str, int]:
+    """Column index per required field, matched by prefix (case-insensitive; first match wins)."""
     found: dict[str, int] = {}
-    for key, prefix in REQUIRED_PREFIXES.items():
+    for key, prefix in (prefixes or REQUIRED_PREFIXES).items():
         for i, name in enumerate(names):
-            if name.lower().startswith(prefix.lower()):
+            if name.strip().lower().startswith(prefix.lower()):
                 found[key] = i
                 break
         else:
             raise DataError(
-                f"{path}: no column starting with {prefix!r} (unknown column layout; columns: "
+                f"{path}: no column starting with {prefix!r} (unknown column layout{layout}; columns: "
                 f"{', '.join(n for n in names if n)[:300]})"
             )
     return found
 
 
-def _as_int(value: Any) -> int | None:
+def as_int(value: Any) -> int | None:
+    """A whole number from a sheet cell (int, float or text), else None."""
     try:
-        f = float(value)
+        f = float(str(value).strip()) if isinstance(value, str) else float(value)
     except (TypeError, ValueError):
         return None
-    return int(f) if f == int(f) else None
+    if not math.isfinite(f) or f != int(f):
+        return None
+    return int(f)
 
 
 def read_keypoints(path: Path, report: LoadReport) -> dict[str, tuple[float, float]] | None:
@@ -207,7 +212,7 @@ def load(root: Path, need_keypoints: bool = False) -> tuple[list[Sample], LoadRe
     for r_index, row in enumerate(rows, start=3):
         if not any(v is not None and _cell_text(v) for v in row):
             continue
-        vals = {k: _as_int(row[i]) if i < len(row) else None for k, i in cols.items()}
+        vals = {k: as_int(row[i]) if i < len(row) else None for k, i in cols.items()}
         if vals["number"] is None:
             report.skip(f"{sheet.name}:row {r_index}", "no Number")
             continue

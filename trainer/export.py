@@ -320,3 +320,24 @@ def backend_record(name: str, file: Path, folder: Path, precision: str, **kw: An
     except ValueError:
         raise ValueError(f"{file} is not inside the engine folder {folder}") from None
     return Backend(name=name, file=rel.as_posix(), sha256=sha256_file(file), precision=precision, **kw)
+
+
+def tensorrt_backend(module: nn.Module, folder: Path, image_size: int, requested: str,
+                     info: dict[str, Any]) -> Backend | None:
+    """The TensorRT step of an engine build (``--backend tensorrt|all``).
+
+    Builds and records ``model.trt.ep`` when CUDA and torch-tensorrt are present. Otherwise
+    it notes why in `info` and prints it; with ``--backend tensorrt`` alone that is an error."""
+    if requested not in ("tensorrt", "all"):
+        return None
+    ok, reason = tensorrt_available()
+    if not ok:
+        msg = f"TensorRT backend skipped: {reason}"
+        print(msg)
+        info["tensorrt"] = msg
+        if requested == "tensorrt":
+            raise UserError(f"{msg}. Build with --backend onnx on this host.")
+        return None
+    trt = export_tensorrt(module, folder / "model.trt.ep", image_size)
+    info["tensorrt"] = "built"
+    return backend_record("tensorrt-fp16", trt, folder, "fp16")

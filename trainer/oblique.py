@@ -20,7 +20,8 @@ from typing import Any
 
 from screener.errors import DataError
 from screener.logs import get_logger
-from trainer.csxa import STEM_RE, LoadReport, find_sheet, group_patients, read_sheet
+from trainer.csxa import STEM_RE, LoadReport, as_int, find_sheet, group_patients, read_sheet
+from trainer.csxa import match_columns as csxa_match_columns
 
 log = get_logger(__name__)
 
@@ -65,29 +66,8 @@ def parse_view(value: Any) -> str | None:
 
 
 def match_columns(names: list[str], path: Path) -> dict[str, int]:
-    """Column index per required field, matched by prefix (case-insensitive; first match wins)."""
-    found: dict[str, int] = {}
-    for key, prefix in REQUIRED_PREFIXES.items():
-        for i, name in enumerate(names):
-            if name.strip().lower().startswith(prefix.lower()):
-                found[key] = i
-                break
-        else:
-            raise DataError(
-                f"{path}: no column starting with {prefix!r} (unknown column layout for oblique views; "
-                f"columns: {', '.join(n for n in names if n)[:300]})"
-            )
-    return found
-
-
-def _as_int(value: Any) -> int | None:
-    try:
-        f = float(str(value).strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError):
-        return None
-    if not math.isfinite(f) or f != int(f):
-        return None
-    return int(f)
+    """Column index per required field of the oblique sheet, matched by prefix."""
+    return csxa_match_columns(names, path, REQUIRED_PREFIXES, " for oblique views")
 
 
 def _finite(v: Any) -> float:
@@ -161,7 +141,7 @@ def load_oblique(root: Path) -> tuple[list[ObliqueSample], LoadReport]:
         if not any(v is not None and str(v).strip() for v in row):
             continue
         cell = {k: (row[i] if i < len(row) else None) for k, i in cols.items()}
-        number, gender, age = _as_int(cell["number"]), _as_int(cell["gender"]), _as_int(cell["age"])
+        number, gender, age = as_int(cell["number"]), as_int(cell["gender"]), as_int(cell["age"])
         if number is None:
             report.skip(f"{sheet.name}:row {r_index}", "no Number")
             continue
@@ -198,7 +178,7 @@ def load_oblique(root: Path) -> tuple[list[ObliqueSample], LoadReport]:
         if view is None:
             report.skip(paths[0], f"unknown view {view_cell!r} (expected L/R, left/right, LAO/LPO/RAO/RPO)")
             continue
-        code = _as_int(sten_cell)
+        code = as_int(sten_cell)
         if code not in STENOSIS_CODES:
             report.skip(paths[0], f"unknown stenosis value {sten_cell!r} (expected 1 stenosis or 0 normal)")
             continue

@@ -1026,17 +1026,8 @@ def _export_backends(model: BoxRegressor, folder: Path, rcp: pp.Recipe, opts: An
         info.update({"onnx_fp32_test_mean_iou": iou32, "onnx_fp32_max_abs_diff": diff,
                      "onnx_int8_test_mean_iou": iou8, "onnx_int8_max_abs_diff": diff8, "onnx_int8_kept": keep})
         log.info("onnx_exported", max_abs_diff=diff, int8_mean_iou=iou8, fp32_mean_iou=iou32, int8_kept=keep)
-    if opts.backend in ("tensorrt", "all"):
-        ok, reason = export.tensorrt_available()
-        if not ok:
-            msg = f"TensorRT backend skipped: {reason}"
-            print(msg)
-            info["tensorrt"] = msg
-            if opts.backend == "tensorrt":
-                raise UserError(f"{msg}. Build with --backend onnx on this host.")
-        else:
-            trt = export.export_tensorrt(model, folder / "model.trt.ep", rcp.image_size)
-            backends.append(export.backend_record("tensorrt-fp16", trt, folder, "fp16"))
-            info["tensorrt"] = "built"
+    trt = export.tensorrt_backend(model, folder, rcp.image_size, opts.backend, info)
+    if trt is not None:
+        backends.append(trt)
     return backends, info
 
