@@ -31,6 +31,14 @@ from tests.dicom_factory import make_dx, make_study_ids  # noqa: E402
 from tests.node_helpers import CollectingSCP, send_images  # noqa: E402
 
 
+def present_engines(folder: Path) -> list[str]:
+    """Every engine with a manifest in `folder` (the bench measures what is built)."""
+    names = sorted(p.parent.name for p in Path(folder).glob("*/manifest.json"))
+    if not names:
+        raise SystemExit(f"no engines in {folder}: build them (make run builds demo engines)")
+    return names
+
+
 def synthetic_images(n: int, per_study: int, size: int, tmp: Path) -> list:
     from trainer.synth import synthesize
 
@@ -69,7 +77,8 @@ def main() -> int:
             node=dataclasses.replace(base.node, port=0, host="127.0.0.1", var_dir=str(tmp / "var"), min_free_mb=1),
             schedule=dataclasses.replace(base.schedule, study_stable_s=0.5, batch_interval_s=0.2,
                                          batch_max_size=args.batch, send_backoff_s=0.5),
-            engines=dataclasses.replace(base.engines, dir=str(args.engines), backend=args.backend),
+            engines=dataclasses.replace(base.engines, dir=str(args.engines), backend=args.backend,
+                                        enabled=present_engines(args.engines)),
             destinations=[scp.destination])
         engines = load_engines(settings)
         node = Node(settings, engines=engines)

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.node import synthetic_images  # noqa: E402
+from bench.node import present_engines, synthetic_images  # noqa: E402
 from screener import config, logs  # noqa: E402
 from screener import preprocessing as pp  # noqa: E402
 from screener.dicom_image import dataset_to_gray8  # noqa: E402
@@ -37,8 +37,8 @@ def main() -> int:
     args = p.parse_args()
     logs.configure("console", "warning")
     base = config.load("config.toml")
-    settings = dataclasses.replace(base, engines=dataclasses.replace(base.engines, dir=str(args.engines),
-                                                                      backend=args.backend))
+    settings = dataclasses.replace(base, engines=dataclasses.replace(
+        base.engines, dir=str(args.engines), backend=args.backend, enabled=present_engines(args.engines)))
     engines = load_engines(settings)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

@@ -67,6 +67,8 @@ class BuildOptions:
     batch_size: int = 0  # 0 = the task's default
     extra_data: tuple[Path, ...] = ()  # roi: more data roots (lateral and oblique)
     roi_engine: Path | None = None  # stenosis: boxes for unannotated images
+    optimizer: str = ""  # "" = the task's (study's) default: adam | sgd
+    lr: float = 0.0  # 0 = the task's default
     pretrained: Path | None = None
     checkpoint: Path | None = None
     backend: str = "onnx"  # onnx | tensorrt | all
@@ -204,7 +206,8 @@ def build_engine(opts: BuildOptions) -> Path:
     model, pre_info = build_classifier(opts.pretrained, stn=opts.stn)
     norm = pp.IMAGENET if opts.pretrained else pp.channel_stats(train_x)
     cfg = TrainConfig(epochs=opts.epochs, batch_size=opts.batch_size or defaults.batch_size, balance=opts.balance,
-                      optimizer=defaults.optimizer, lr=defaults.lr, step_epochs=defaults.step_epochs,
+                      optimizer=opts.optimizer or defaults.optimizer, lr=opts.lr or defaults.lr,
+                      step_epochs=defaults.step_epochs,
                       gamma=defaults.gamma, patience=opts.patience, seed=opts.split_seed % 10_000)
     device = pick_device()
     train_ds = PreparedDataset(train_x, train_y, norm, PRESETS[opts.augment], seed=cfg.seed)

@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=_positive_int, default=30)
     b.add_argument("--batch-size", type=_positive_int, default=0, help="default: the study's (16 / 4)")
     b.add_argument("--roi-engine", type=Path, help="stenosis: ROI engine folder for unannotated images")
+    b.add_argument("--optimizer", choices=("adam", "sgd"), default="",
+                   help="default: the study's (adam for spondylosis, sgd for stenosis)")
+    b.add_argument("--lr", type=float, default=0.0, help="learning rate (default: the study's)")
     b.add_argument("--pretrained", type=Path, help="local torchvision ResNet50 ImageNet state dict")
     b.add_argument("--checkpoint", type=Path, help="skip training: use these weights")
     b.add_argument("--backend", choices=("onnx", "tensorrt", "all"), default="onnx")
@@ -126,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint, backend=args.backend, split_seed=args.split_seed,
             target_sensitivity=args.target_sensitivity, augment=args.augment, balance=args.balance,
             patience=args.patience, validated_by=args.validated_by, version=args.version, demo=args.demo,
+            optimizer=args.optimizer, lr=args.lr,
             progress=progress, stn=args.stn))
         print(f"engine written to {folder} (report: {folder / 'report.md'})")
         return 0
