@@ -39,6 +39,38 @@ def present_engines(folder: Path) -> list[str]:
     return names
 
 
+def _timed_predict(engine, x: np.ndarray, batch: int) -> tuple[float, np.ndarray]:
+    engine.predict(x[: min(2, len(x))])  # warm-up
+    t0 = time.perf_counter()
+    out = [engine.predict(x[i:i + batch]) for i in range(0, len(x), batch)]
+    return time.perf_counter() - t0, np.concatenate(out)
+
+
+def engines_only_seconds(engines: dict, grays: list[np.ndarray], batch: int) -> float:
+    """Seconds spent in engine.predict alone for every classifier (and the ROI engine where a
+    classifier crops to its box), on inputs preprocessed beforehand (not timed)."""
+    from screener.roi import box_from_output
+
+    total = 0.0
+    boxes = None
+    for name, eng in engines.items():
+        m = eng.manifest
+        if m.kind != "classifier":
+            continue
+        if m.preprocessing.needs_box and boxes is None:
+            roi = engines["roi"]
+            r = roi.manifest
+            x = np.stack([pp.preprocess(g, r.preprocessing, r.normalization) for g in grays])
+            seconds, out = _timed_predict(roi, x, batch)
+            total += seconds
+            boxes = [box_from_output(row, g.shape, r.preprocessing) for row, g in zip(out, grays)]
+        x = np.stack([pp.preprocess(g, m.preprocessing, m.normalization, boxes[i] if m.preprocessing.needs_box else None)
+                      for i, g in enumerate(grays)])
+        seconds, _ = _timed_predict(eng, x, batch)
+        total += seconds
+    return total
+
+
 def synthetic_images(n: int, per_study: int, size: int, tmp: Path) -> list:
     from trainer.synth import synthesize
 
@@ -95,21 +127,7 @@ def main() -> int:
             scp.stop()
         assert all(s == 0 for s in statuses), statuses
 
-        # Engines only: the same images, decoded and preprocessed beforehand, same batches.
-        tensors = {}
-        for name, eng in engines.items():
-            m = eng.manifest
-            if m.kind != "classifier" or m.preprocessing.needs_box:
-                continue
-            tensors[name] = np.stack([pp.preprocess(dataset_to_gray8(ds), m.preprocessing, m.normalization)
-                                      for ds in images])
-        t_eng = 0.0
-        for name, x in tensors.items():
-            engines[name].predict(x[: min(2, len(x))])  # warm-up
-            t1 = time.perf_counter()
-            for i in range(0, len(x), args.batch):
-                engines[name].predict(x[i:i + args.batch])
-            t_eng += time.perf_counter() - t1
+        t_eng = engines_only_seconds(engines, [dataset_to_gray8(ds) for ds in images], args.batch)
     e2e = args.n / t_total
     eng_rate = args.n / t_eng
     backends = ", ".join(f"{k}: {v.backend.name}" for k, v in engines.items())

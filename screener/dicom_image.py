@@ -209,15 +209,39 @@ def dataset_to_gray8(ds: pydicom.Dataset) -> np.ndarray:
         except ValueError as exc:
             raise ImageDecodeError(_short(exc)) from None
 
+    invert = photometric == "MONOCHROME1"
+    if np.issubdtype(arr.dtype, np.integer):
+        lo, hi = int(arr.min()), int(arr.max())
+        if hi - lo <= _LUT_MAX_RANGE:
+            return _via_lut(arr, ds, invert, lo, hi)
+    return _to_gray8(arr, ds, invert)
+
+
+# Integer images (every CR/DX) go through a lookup table: the same float64 pipeline is evaluated
+# once per distinct stored value present in the image, then indexed. Every step is elementwise,
+# and min-max uses the same present values, so the output is bit-identical to the per-pixel path
+# while a 2048 x 2048 12-bit image costs a fraction of the time.
+_LUT_MAX_RANGE = 1 << 20
+
+
+def _to_gray8(arr: np.ndarray, ds: pydicom.Dataset, invert: bool) -> np.ndarray:
     try:
         x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
     except Exception as exc:
         raise ImageDecodeError(f"modality LUT could not be applied: {_short(exc)}") from None
     if not np.isfinite(x).all():
         raise ImageDecodeError("modality LUT gives non-finite values")
-
-    t, _method = _voi(x, ds, invert=photometric == "MONOCHROME1")
+    t, _method = _voi(x, ds, invert=invert)
     return np.rint(t * 255.0).astype(np.uint8)
+
+
+def _via_lut(arr: np.ndarray, ds: pydicom.Dataset, invert: bool, lo: int, hi: int) -> np.ndarray:
+    offset = arr.astype(np.int64) - lo
+    present = np.flatnonzero(np.bincount(offset.ravel(), minlength=hi - lo + 1))
+    values = (present + lo).astype(arr.dtype)
+    lut = np.zeros(hi - lo + 1, np.uint8)
+    lut[present] = _to_gray8(values, ds, invert)
+    return lut[offset]
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
