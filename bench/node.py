@@ -46,16 +46,28 @@ def _timed_predict(engine, x: np.ndarray, batch: int) -> tuple[float, np.ndarray
     return time.perf_counter() - t0, np.concatenate(out)
 
 
-def engines_only_seconds(engines: dict, grays: list[np.ndarray], batch: int) -> float:
-    """Seconds spent in engine.predict alone for every classifier (and the ROI engine where a
-    classifier crops to its box), on inputs preprocessed beforehand (not timed)."""
+def routed_engines(images: list, rules) -> set[str]:
+    """The engines the node's routing picks for these images."""
+    from screener.dicom_image import header_attributes
+    from screener.routing import route
+
+    used: set[str] = set()
+    for ds in images:
+        r = route(header_attributes(ds), rules)
+        used.update(r.engines if r else ())
+    return used
+
+
+def engines_only_seconds(engines: dict, grays: list[np.ndarray], batch: int, used: set[str] | None = None) -> float:
+    """Seconds spent in engine.predict alone for every routed classifier (and the ROI engine where
+    a classifier crops to its box), on inputs preprocessed beforehand (not timed)."""
     from screener.roi import box_from_output
 
     total = 0.0
     boxes = None
     for name, eng in engines.items():
         m = eng.manifest
-        if m.kind != "classifier":
+        if m.kind != "classifier" or (used is not None and name not in used):
             continue
         if m.preprocessing.needs_box and boxes is None:
             roi = engines["roi"]
@@ -127,7 +139,8 @@ def main() -> int:
             scp.stop()
         assert all(s == 0 for s in statuses), statuses
 
-        t_eng = engines_only_seconds(engines, [dataset_to_gray8(ds) for ds in images], args.batch)
+        t_eng = engines_only_seconds(engines, [dataset_to_gray8(ds) for ds in images], args.batch,
+                                     routed_engines(images, settings.routing))
     e2e = args.n / t_total
     eng_rate = args.n / t_eng
     backends = ", ".join(f"{k}: {v.backend.name}" for k, v in engines.items())

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.node import engines_only_seconds, present_engines, synthetic_images  # noqa: E402
+from bench.node import engines_only_seconds, present_engines, routed_engines, synthetic_images  # noqa: E402
 from screener import config, logs  # noqa: E402
 from screener import preprocessing as pp  # noqa: E402
 from screener.dicom_image import dataset_to_gray8  # noqa: E402
@@ -52,7 +52,8 @@ def main() -> int:
         t0 = time.perf_counter()
         summary = replay(folder, tmp / "audit", screener, engines, chunk=args.batch, progress=False)
         t_replay = time.perf_counter() - t0
-        t_eng = engines_only_seconds(engines, [dataset_to_gray8(ds) for ds in images], args.batch)
+        t_eng = engines_only_seconds(engines, [dataset_to_gray8(ds) for ds in images], args.batch,
+                                     routed_engines(images, settings.routing))
     print(f"replay: {summary.files} files, {summary.screened} screened, {summary.srs} SRs; engines "
           + ", ".join(f"{k}: {v.backend.name}" for k, v in engines.items()))
     print(f"replay (decode overlapped with inference, SRs, audit): {args.n / t_replay:8.2f} images/s")
