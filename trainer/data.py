@@ -53,7 +53,8 @@ def prepare_samples(
     kept: list[Sample] = []
     arrays: list[np.ndarray] = []
     modes: Counter[str] = Counter()
-    for s in tqdm(samples, desc=f"preprocess {rcp.name}", unit="img", disable=not progress, leave=False, mininterval=_TQDM_INTERVAL):
+    for s in tqdm(samples, desc=f"preprocess {rcp.name}", unit="img", disable=not progress, leave=False,
+                  mininterval=_TQDM_INTERVAL):
         try:
             gray, mode = read_gray8(s.image_path)
             box = sample_box(s)

@@ -78,7 +78,8 @@ def predict_proba(model: nn.Module, dataset: PreparedDataset, device: torch.devi
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out: list[np.ndarray] = []
-    for x, _ in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False, mininterval=_TQDM_INTERVAL):
+    for x, _ in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False,
+                     mininterval=_TQDM_INTERVAL):
         logits = model(x.to(device))
         out.append(torch.softmax(logits.float(), dim=1)[:, -1].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -140,7 +141,8 @@ def train(model: nn.Module, train_ds: PreparedDataset, val_ds: PreparedDataset, 
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                             generator=gen, num_workers=cfg.num_workers, drop_last=len(train_ds) > cfg.batch_size)
         total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False, mininterval=_TQDM_INTERVAL)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False,
+                   mininterval=_TQDM_INTERVAL)
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
