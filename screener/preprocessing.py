@@ -323,10 +323,15 @@ def channel_stats(images: list[np.ndarray] | Any) -> Normalization:
     return Normalization(tuple(float(m) for m in mean), tuple(float(s) for s in std), "training split")  # type: ignore[arg-type]
 
 
-def read_image_gray8(path: str) -> np.ndarray:
-    """Read a PNG/JPEG file (any mode, 8 or 16 bit) as 8-bit gray; ValueError if unreadable."""
+def read_image(path: str) -> np.ndarray:
+    """Decode a PNG/JPEG file as stored (any mode, 8 or 16 bit, BGR order); ValueError if unreadable."""
     data = np.fromfile(path, dtype=np.uint8)
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
-        raise ValueError(f"{path}: not a readable image")
-    return to_gray8(img, "BGR")
+        raise ValueError(f"{path}: corrupt or unreadable image")
+    return img
+
+
+def read_image_gray8(path: str) -> np.ndarray:
+    """Read a PNG/JPEG file as 8-bit gray (the trainer's path to `prepare`)."""
+    return to_gray8(read_image(path), "BGR")

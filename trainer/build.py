@@ -9,7 +9,6 @@ build resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from trainer.augment import PRESETS
 from trainer.data import PreparedDataset, fingerprint, prepare_samples
 from trainer.model import ProbabilityHead, build_classifier, pick_device
 from trainer.splits import SplitSpec, split_counts, split_groups
-from trainer.train import TrainConfig, predict_proba, train
+from trainer.train import TrainConfig, checkpoint_dir, predict_proba, train
 
 log = get_logger(__name__)
 
@@ -164,19 +163,7 @@ def _work_dir(opts: BuildOptions, rcp: pp.Recipe, fp: str, cfg: TrainConfig) -> 
     train_cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("epochs", "patience")}  # extendable
     meta = {"fingerprint": fp, "recipe": rcp.to_dict(), "train": train_cfg, "stn": opts.stn,
             "pretrained": str(opts.pretrained or ""), "augment": opts.augment, "split_seed": opts.split_seed}
-    meta = json.loads(json.dumps(meta))  # as it reads back (tuples become lists)
-    meta_file = work / "meta.json"
-    if meta_file.is_file():
-        try:
-            same = json.loads(meta_file.read_text()) == meta
-        except json.JSONDecodeError:
-            same = False
-        if not same:
-            log.info("checkpoints_reset", reason="data or settings changed", dir=str(work))
-            shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    meta_file.write_text(json.dumps(meta, indent=2))
-    return work
+    return checkpoint_dir(work, meta)
 
 
 def build_engine(opts: BuildOptions) -> Path:

@@ -182,6 +182,25 @@ def read_keypoints(path: Path, report: LoadReport) -> dict[str, tuple[float, flo
     return points
 
 
+def index_files(root: Path, report: LoadReport) -> tuple[dict[int, list[Path]], dict[str, Path]]:
+    """PNGs by sheet Number (the first four digits of the 7-digit ID) and LabelMe JSONs by stem,
+    found recursively (zips may add a top-level folder)."""
+    images: dict[int, list[Path]] = {}
+    for p in sorted(root.rglob("*.png")):
+        if not STEM_RE.match(p.stem):
+            report.skip(p, "file name is not a 7-digit ID (NNNNGAA)")
+            continue
+        images.setdefault(int(p.stem[:4]), []).append(p)
+    jsons = {p.stem: p for p in sorted(root.rglob("*.json")) if STEM_RE.match(p.stem)}
+    return images, jsons
+
+
+def report_images_without_row(report: LoadReport, images: dict[int, list[Path]], numbers: set[int]) -> None:
+    report.images_without_row = [str(p) for n, ps in images.items() if n not in numbers for p in ps]
+    for p in report.images_without_row:
+        report.skip(p, "no row in the sheet for this Number")
+
+
 def group_patients(rows: list[tuple[int, int, int]]) -> dict[int, str]:
     """Patient group per sheet Number: consecutive rows (sheet order) with equal gender and age.
 
@@ -225,13 +244,7 @@ def load(root: Path, need_keypoints: bool = False) -> tuple[list[Sample], LoadRe
         raise DataError(f"{sheet}: the sheet has no data rows")
     groups = group_patients([(n, g, a) for n, g, a, _ in table])
 
-    images: dict[int, list[Path]] = {}
-    for p in sorted(root.rglob("*.png")):
-        if not STEM_RE.match(p.stem):
-            report.skip(p, "file name is not a 7-digit CSXA ID")
-            continue
-        images.setdefault(int(p.stem[:4]), []).append(p)
-    jsons = {p.stem: p for p in sorted(root.rglob("*.json")) if STEM_RE.match(p.stem)}
+    images, jsons = index_files(root, report)
 
     samples: list[Sample] = []
     seen_numbers: set[int] = set()
@@ -257,9 +270,7 @@ def load(root: Path, need_keypoints: bool = False) -> tuple[list[Sample], LoadRe
                 continue  # already reported
             samples.append(Sample(img.stem, number, img, jpath, DISEASE_CODES[code], gender, age,
                                   groups[number], kps))
-    report.images_without_row = [str(p) for n, ps in images.items() if n not in seen_numbers for p in ps]
-    for p in report.images_without_row:
-        report.skip(p, "no row in the sheet for this Number")
+    report_images_without_row(report, images, seen_numbers)
     report.n_samples = len(samples)
     if not samples:
         raise DataError(f"{root}: no usable images (rows: {len(table)}, skipped: {len(report.skipped)})")

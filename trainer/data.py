@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -34,10 +33,7 @@ def image_mode(img: np.ndarray) -> str:
 
 def read_gray8(path: Path) -> tuple[np.ndarray, str]:
     """Read any PNG as 8-bit gray; ValueError names the file if it is not a readable image."""
-    data = np.fromfile(path, dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if img is None:
-        raise ValueError(f"{path}: corrupt or unreadable image")
+    img = pp.read_image(str(path))
     return pp.to_gray8(img, "BGR"), image_mode(img)
 
 

@@ -7,7 +7,6 @@ initialisation and the manifest says so.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from torch import nn
 from torchvision.models import resnet50
 
 from screener.errors import UserError
+from screener.manifest import sha256_file
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,8 @@ class PretrainedInfo:
     missing_keys: int = 0
 
 
-def load_pretrained(model: nn.Module, path: Path | None) -> PretrainedInfo:
-    """Load a local torchvision ImageNet state dict into a ResNet50 (the fc layer is skipped)."""
+def load_pretrained(model: nn.Module, path: Path | None, arch: str = "ResNet50") -> PretrainedInfo:
+    """Load a local torchvision ImageNet state dict of `arch` into `model` (its fc layer is skipped)."""
     if path is None:
         return PretrainedInfo("random-init")
     p = Path(path)
@@ -41,16 +41,18 @@ def load_pretrained(model: nn.Module, path: Path | None) -> PretrainedInfo:
     if not isinstance(state, dict):
         raise UserError(f"--pretrained {p}: expected a state dict")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    result = model.load_state_dict(state, strict=False)
-    unexpected = list(result.unexpected_keys)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch: another architecture
+        raise UserError(f"--pretrained {p}: not a torchvision {arch} state dict "
+                        f"({str(exc).splitlines()[0]})") from None
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
-    if unexpected or len(missing) > 0:
+    if result.unexpected_keys or missing:
         raise UserError(
-            f"--pretrained {p}: not a torchvision ResNet50 state dict "
-            f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
+            f"--pretrained {p}: not a torchvision {arch} state dict "
+            f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected keys)"
         )
-    digest = hashlib.sha256(p.read_bytes()).hexdigest()
-    return PretrainedInfo(p.name, digest, len(result.missing_keys))
+    return PretrainedInfo(p.name, sha256_file(p), len(result.missing_keys))
 
 
 class SpatialTransformer(nn.Module):

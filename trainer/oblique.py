@@ -20,7 +20,8 @@ from typing import Any
 
 from screener.errors import DataError
 from screener.logs import get_logger
-from trainer.csxa import STEM_RE, LoadReport, as_int, find_sheet, group_patients, read_sheet
+from trainer.csxa import (LoadReport, as_int, find_sheet, group_patients, index_files, read_sheet,
+                          report_images_without_row)
 from trainer.csxa import match_columns as csxa_match_columns
 
 log = get_logger(__name__)
@@ -154,13 +155,7 @@ def load_oblique(root: Path) -> tuple[list[ObliqueSample], LoadReport]:
         raise DataError(f"{sheet}: the sheet has no data rows")
     groups = group_patients([(n, g, a) for n, g, a, *_ in table])
 
-    images: dict[int, list[Path]] = {}
-    for p in sorted(root.rglob("*.png")):
-        if not STEM_RE.match(p.stem):
-            report.skip(p, "file name is not a 7-digit ID (NNNNGAA)")
-            continue
-        images.setdefault(int(p.stem[:4]), []).append(p)
-    jsons = {p.stem: p for p in sorted(root.rglob("*.json")) if STEM_RE.match(p.stem)}
+    images, jsons = index_files(root, report)
 
     samples: list[ObliqueSample] = []
     seen: set[int] = set()
@@ -188,9 +183,7 @@ def load_oblique(root: Path) -> tuple[list[ObliqueSample], LoadReport]:
             unannotated += box is None
             samples.append(ObliqueSample(img.stem, number, img, jpath, STENOSIS_CODES[code], view, gender, age,
                                          groups[number], box))
-    report.images_without_row = [str(p) for n, ps in images.items() if n not in seen for p in ps]
-    for p in report.images_without_row:
-        report.skip(p, "no row in the sheet for this Number")
+    report_images_without_row(report, images, seen)
     report.n_samples = len(samples)
     if not samples:
         raise DataError(f"{root}: no usable images (rows: {len(table)}, skipped: {len(report.skipped)}; "

@@ -61,7 +61,9 @@ from screener.logs import get_logger
 from screener.roi import box_from_output, box_to_output
 from screener.roi import iou as _iou
 from trainer import csxa, export
+from trainer.model import load_pretrained
 from trainer.splits import SPLITS, SplitSpec, split_groups
+from trainer.train import checkpoint_dir
 
 log = get_logger(__name__)
 
@@ -482,30 +484,7 @@ class BoxRegressor(nn.Module):
 
 def load_pretrained_resnet18(model: BoxRegressor, path: Path | None) -> dict[str, Any]:
     """A local torchvision ResNet18 ImageNet state dict into the backbone (fc skipped); never downloads."""
-    if path is None:
-        return {"source": "random-init", "sha256": "", "missing_keys": 0}
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--pretrained {p}: file not found")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"--pretrained {p}: not a readable PyTorch state dict ({exc.__class__.__name__})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"--pretrained {p}: expected a state dict")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    try:
-        result = model.backbone.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise UserError(f"--pretrained {p}: not a torchvision ResNet18 state dict (the ROI engine is a "
-                        f"ResNet18; {str(exc).splitlines()[0]})") from None
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
-    if result.unexpected_keys or missing:
-        raise UserError(f"--pretrained {p}: not a torchvision ResNet18 state dict "
-                        f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected keys)")
-    return {"source": p.name, "sha256": mf.sha256_file(p), "missing_keys": len(result.missing_keys)}
+    return asdict(load_pretrained(model.backbone, path, arch="ResNet18"))
 
 
 def _giou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -781,20 +760,7 @@ def _roots(opts: Any) -> tuple[list[Path], list[Path], list[dict[str, str]]]:
 
 def _work_dir(out: Path, meta: dict[str, Any]) -> Path:
     """Checkpoint folder; cleared when data or training settings differ from last time."""
-    work = out / ".work" / "roi"
-    meta = json.loads(json.dumps(meta))  # tuples -> lists, as they come back from the file
-    meta_file = work / "meta.json"
-    if meta_file.is_file():
-        try:
-            same = json.loads(meta_file.read_text()) == meta
-        except json.JSONDecodeError:
-            same = False
-        if not same:
-            log.info("checkpoints_reset", reason="data or settings changed", dir=str(work))
-            shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    meta_file.write_text(json.dumps(meta, indent=2))
-    return work
+    return checkpoint_dir(out / ".work" / "roi", meta)
 
 
 def _split_counts(data: RoiData) -> dict[str, dict[str, int]]:

@@ -3,7 +3,9 @@ early stopping on validation AUROC, best checkpoint kept, resumable."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,6 +54,24 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+
+
+def checkpoint_dir(work: Path, meta: dict[str, Any]) -> Path:
+    """The checkpoint folder of a build, with `meta` (data fingerprint, recipe, settings) in
+    ``meta.json``. A folder whose meta differs is cleared, so a resume never mixes runs."""
+    meta = json.loads(json.dumps(meta))  # as it reads back from the file (tuples become lists)
+    meta_file = work / "meta.json"
+    if meta_file.is_file():
+        try:
+            same = json.loads(meta_file.read_text()) == meta
+        except json.JSONDecodeError:
+            same = False
+        if not same:
+            log.info("checkpoints_reset", reason="data or settings changed", dir=str(work))
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    meta_file.write_text(json.dumps(meta, indent=2))
+    return work
 
 
 # A run may be resumed with more epochs or another patience; anything else starts afresh.
