@@ -55,6 +55,13 @@ _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _REASON_MAX = 200
 
 
+# The image SOP classes the node receives and screens (cervical spine radiographs).
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SCREENED_SOP_CLASSES = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING)
+
+
 class ImageDecodeError(Exception):
     """The image cannot be turned into pixels; ``str(exc)`` is a short reason for the DB."""
 

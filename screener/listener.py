@@ -74,16 +74,14 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from screener.config import Settings
+from screener.dicom_image import SCREENED_SOP_CLASSES
 from screener.errors import ConfigError
 from screener.logs import get_logger
 from screener.store import Store, is_valid_uid
 
 log = get_logger("screener.listener")
 
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-STORAGE_SOP_CLASSES = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING)
+STORAGE_SOP_CLASSES = SCREENED_SOP_CLASSES
 
 TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian

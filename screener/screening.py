@@ -23,18 +23,13 @@ from pydicom.errors import InvalidDicomError
 
 from screener import preprocessing as pp
 from screener.config import RoutingRule
-from screener.dicom_image import ImageDecodeError, dataset_to_gray8, header_attributes
+from screener.dicom_image import SCREENED_SOP_CLASSES, ImageDecodeError, dataset_to_gray8, header_attributes
 from screener.logs import get_logger
 from screener.routing import Route, describe, route
 from screener.runtime import LoadedEngine
 
 log = get_logger(__name__)
 
-IMAGE_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1": "CR",
-    "1.2.840.10008.5.1.4.1.1.1.1": "DX for presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "DX for processing",
-}
 
 
 @dataclass(frozen=True)
@@ -97,14 +92,15 @@ class Screener:
         out = ImageOutcome(Path(path))
         t0 = time.perf_counter()
         try:
-            ds = pydicom.dcmread(str(path))
+            # Large elements (pixel data) are read only when used: skipped files cost a header read.
+            ds = pydicom.dcmread(str(path), defer_size="1 MB")
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             out.failed = f"not a readable DICOM file ({exc.__class__.__name__})"
             return out, None, []
         out.sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
         out.study_uid = str(ds.get("StudyInstanceUID", ""))
         sop_class = str(ds.get("SOPClassUID", ""))
-        if sop_class not in IMAGE_SOP_CLASSES:
+        if sop_class not in SCREENED_SOP_CLASSES:
             out.skipped = f"unsupported SOP class {sop_class or '(none)'}: only CR and DX images are screened"
             return out, None, []
         attrs = header_attributes(ds)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -276,7 +275,3 @@ def _now_dt():
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc)
-
-
-def disk_free_mb(path: Path) -> float:
-    return shutil.disk_usage(path).free / 1e6
