@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,23 @@ def write(manifest: Manifest, folder: Path) -> Path:
     tmp.write_text(json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def install(manifest: Manifest, building: Path, out_dir: Path) -> Path:
+    """Finish a build: write the manifest into `building`, run the node's own check on it, then
+    swap it into ``out_dir/<task>``, so a failed build never replaces a working engine."""
+    write(manifest, building)
+    load(building, verify=True)
+    final = out_dir / manifest.task
+    old = out_dir / f".{manifest.task}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    building.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
 
 
 def load(folder: Path, verify: bool = True) -> Manifest:

@@ -270,18 +270,7 @@ def build_engine(opts: BuildOptions) -> Path:
         validated=bool(opts.validated_by), validated_by=opts.validated_by, demo=opts.demo,
         software_version=screener.__version__, notes=notes,
     )
-    mf.write(manifest, building)
-    mf.load(building, verify=True)  # the node's own check, before the swap
-    final = opts.out / opts.task
-    if final.exists():
-        old = opts.out / f".{opts.task}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-        building.rename(final)
-        shutil.rmtree(old)
-    else:
-        building.rename(final)
+    final = mf.install(manifest, building, opts.out)
     log.info("engine_built", task=opts.task, version=version, folder=str(final),
              test_auroc=evaluation.test.auroc, seconds=round(time.perf_counter() - t_start, 1))
     return final

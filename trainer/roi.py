@@ -61,7 +61,7 @@ from screener.logs import get_logger
 from screener.roi import box_from_output, box_to_output
 from screener.roi import iou as _iou
 from trainer import csxa, export
-from trainer.model import load_pretrained
+from trainer.model import load_pretrained, pick_device
 from trainer.splits import SPLITS, SplitSpec, split_groups
 from trainer.train import checkpoint_dir
 
@@ -840,7 +840,7 @@ def build_roi_engine(opts: Any) -> Path:
     cfg = RoiTrainConfig(epochs=opts.epochs, batch_size=getattr(opts, "batch_size", 0) or DEFAULT_BATCH,
                          patience=opts.patience, seed=opts.split_seed % 10_000)
     aug = AUGMENT_PRESETS[opts.augment]
-    device = _pick_device()
+    device = pick_device()
     training: dict[str, Any] = {
         "config": cfg.to_dict(), "augment": opts.augment, "augment_params": aug.to_dict(), "device": str(device),
         "pretrained": pre_info, "loss": f"{cfg.l1_weight} x smooth L1 (beta {cfg.l1_beta}) + "
@@ -940,25 +940,10 @@ def build_roi_engine(opts: Any) -> Path:
         validated=bool(getattr(opts, "validated_by", "")), validated_by=getattr(opts, "validated_by", ""),
         demo=bool(getattr(opts, "demo", False)), software_version=screener.__version__, notes=notes,
     )
-    mf.write(manifest, building)
-    mf.load(building, verify=True)  # the node's own check, before the swap
-    final = out_dir / "roi"
-    if final.exists():
-        old = out_dir / ".roi.old"
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-        building.rename(final)
-        shutil.rmtree(old)
-    else:
-        building.rename(final)
+    final = mf.install(manifest, building, out_dir)
     log.info("engine_built", task="roi", version=version, folder=str(final), test_mean_iou=test_m["mean_iou"],
              seconds=round(time.perf_counter() - t_start, 1))
     return final
-
-
-def _pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _export_backends(model: BoxRegressor, folder: Path, rcp: pp.Recipe, opts: Any, data: RoiData,
