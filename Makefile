@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[trainer,test]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -21,13 +21,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo-engines: $(STAMP)
-	$(BIN)/python -m screener.demo --engines engines --config config.toml
+	$(BIN)/python -m trainer.demo --engines engines --config config.toml
 
 run: $(STAMP) demo-engines
 	$(BIN)/screener serve --config config.toml
 
 bench: $(STAMP)
-	$(BIN)/python bench/engines.py
+	$(BIN)/python -m bench.engines
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -1,6 +1,6 @@
 """Throughput of the engine backends against torch eager, on the same inputs.
 
-    python bench/engines.py [--sizes 224 512] [--batches 1 8 32] [--seconds 5]
+    python -m bench.engines [--sizes 224 512] [--batches 1 8 32] [--seconds 5]
                             [--engines-dir engines/] [--threads N] [--no-random]
 
 By default it builds a ResNet50 probability engine with random weights (BatchNorm
@@ -28,17 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+from torch import nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from screener import manifest as mf  # noqa: E402
-from screener import runtime  # noqa: E402
-from screener.errors import UserError  # noqa: E402
+from screener.engine import manifest as mf
+from screener.engine import runtime
+from screener.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -83,6 +79,7 @@ def torch_runner(module: nn.Module) -> Callable[[np.ndarray], object]:
     def run(x: np.ndarray) -> object:
         with torch.inference_mode():
             return module(torch.from_numpy(x))
+
     return run
 
 
@@ -90,8 +87,9 @@ def inputs(size: int, batch: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(batch, 3, size, size)).astype(np.float32)
 
 
-def build_random_engines(head: nn.Module, size: int, folder: Path, threads: int,
-                         max_batch: int) -> list[runtime.EngineRuntime]:
+def build_random_engines(
+    head: nn.Module, size: int, folder: Path, threads: int, max_batch: int
+) -> list[runtime.EngineRuntime]:
     """Export the random model at `size` and open each backend."""
     from trainer import export
 
@@ -156,8 +154,15 @@ class Baselines:
         return self.values[key]
 
 
-def bench_engines(source: str, size: int, batches: list[int], engines: list[runtime.EngineRuntime],
-                  base: Baselines, seconds: float, rows: list[Row]) -> None:
+def bench_engines(
+    source: str,
+    size: int,
+    batches: list[int],
+    engines: list[runtime.EngineRuntime],
+    base: Baselines,
+    seconds: float,
+    rows: list[Row],
+) -> None:
     x_all = inputs(size, max(batches))
     for batch in batches:
         x = x_all[:batch]
@@ -189,8 +194,10 @@ def environment(threads: int) -> str:
                 break
     except OSError:
         pass
-    return (f"CPU: {cpu}; threads: {threads} (torch {torch.__version__}, "
-            f"onnxruntime {ort.__version__}); CUDA: {torch.cuda.is_available()}")
+    return (
+        f"CPU: {cpu}; threads: {threads} (torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}); CUDA: {torch.cuda.is_available()}"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """Node throughput: ingest rate, time to the last SR, end-to-end images/s, and in the same run
 engines-only images/s on the same images.
 
-    python bench/node.py [--n 64] [--per-study 4] [--engines engines/] [--backend auto]
+    python -m bench.node [--n 64] [--per-study 4] [--engines engines/] [--backend auto]
 
 Sends N synthetic 12-bit DX images (2048 x 2048, lateral) over loopback to an in-process node,
 which screens them and sends one SR per study to a collecting SCP. The engines-only rate runs
@@ -21,14 +21,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from screener import config, logs  # noqa: E402
-from screener import preprocessing as pp  # noqa: E402
-from screener.dicom_image import dataset_to_gray8  # noqa: E402
-from screener.service import Node, load_engines  # noqa: E402
-from tests.dicom_factory import make_dx, make_study_ids  # noqa: E402
-from tests.node_helpers import CollectingSCP, send_images  # noqa: E402
+from screener import config, logs
+from screener.dicom.image import dataset_to_gray8
+from screener.engine import preprocessing as pp
+from screener.node import Node, load_engines
+from tests.support.dicom_factory import make_dx, make_study_ids
+from tests.support.node_helpers import CollectingSCP, send_images
 
 
 def present_engines(folder: Path) -> list[str]:
@@ -42,13 +40,13 @@ def present_engines(folder: Path) -> list[str]:
 def _timed_predict(engine, x: np.ndarray, batch: int) -> tuple[float, np.ndarray]:
     engine.predict(x[: min(2, len(x))])  # warm-up
     t0 = time.perf_counter()
-    out = [engine.predict(x[i:i + batch]) for i in range(0, len(x), batch)]
+    out = [engine.predict(x[i : i + batch]) for i in range(0, len(x), batch)]
     return time.perf_counter() - t0, np.concatenate(out)
 
 
 def routed_engines(images: list, rules) -> set[str]:
     """The engines the node's routing picks for these images."""
-    from screener.dicom_image import header_attributes
+    from screener.dicom.image import header_attributes
     from screener.routing import route
 
     used: set[str] = set()
@@ -61,7 +59,7 @@ def routed_engines(images: list, rules) -> set[str]:
 def engines_only_seconds(engines: dict, grays: list[np.ndarray], batch: int, used: set[str] | None = None) -> float:
     """Seconds spent in engine.predict alone for every routed classifier (and the ROI engine where
     a classifier crops to its box), on inputs preprocessed beforehand (not timed)."""
-    from screener.roi import box_from_output
+    from screener.engine.roi import box_from_output
 
     total = 0.0
     boxes = None
@@ -76,8 +74,12 @@ def engines_only_seconds(engines: dict, grays: list[np.ndarray], batch: int, use
             seconds, out = _timed_predict(roi, x, batch)
             total += seconds
             boxes = [box_from_output(row, g.shape, r.preprocessing) for row, g in zip(out, grays)]
-        x = np.stack([pp.preprocess(g, m.preprocessing, m.normalization, boxes[i] if m.preprocessing.needs_box else None)
-                      for i, g in enumerate(grays)])
+        x = np.stack(
+            [
+                pp.preprocess(g, m.preprocessing, m.normalization, boxes[i] if m.preprocessing.needs_box else None)
+                for i, g in enumerate(grays)
+            ]
+        )
         seconds, _ = _timed_predict(eng, x, batch)
         total += seconds
     return total
@@ -119,11 +121,14 @@ def main() -> int:
         settings = dataclasses.replace(
             base,
             node=dataclasses.replace(base.node, port=0, host="127.0.0.1", var_dir=str(tmp / "var"), min_free_mb=1),
-            schedule=dataclasses.replace(base.schedule, study_stable_s=0.5, batch_interval_s=0.2,
-                                         batch_max_size=args.batch, send_backoff_s=0.5),
-            engines=dataclasses.replace(base.engines, dir=str(args.engines), backend=args.backend,
-                                        enabled=present_engines(args.engines)),
-            destinations=[scp.destination])
+            schedule=dataclasses.replace(
+                base.schedule, study_stable_s=0.5, batch_interval_s=0.2, batch_max_size=args.batch, send_backoff_s=0.5
+            ),
+            engines=dataclasses.replace(
+                base.engines, dir=str(args.engines), backend=args.backend, enabled=present_engines(args.engines)
+            ),
+            destinations=[scp.destination],
+        )
         engines = load_engines(settings)
         node = Node(settings, engines=engines)
         node.start()
@@ -139,13 +144,16 @@ def main() -> int:
             scp.stop()
         assert all(s == 0 for s in statuses), statuses
 
-        t_eng = engines_only_seconds(engines, [dataset_to_gray8(ds) for ds in images], args.batch,
-                                     routed_engines(images, settings.routing))
+        t_eng = engines_only_seconds(
+            engines, [dataset_to_gray8(ds) for ds in images], args.batch, routed_engines(images, settings.routing)
+        )
     e2e = args.n / t_total
     eng_rate = args.n / t_eng
     backends = ", ".join(f"{k}: {v.backend.name}" for k, v in engines.items())
-    print(f"images: {args.n} x {args.size}x{args.size} 12-bit DX ({mb:.0f} MB pixel data), {n_studies} studies; "
-          f"engines {backends}")
+    print(
+        f"images: {args.n} x {args.size}x{args.size} 12-bit DX ({mb:.0f} MB pixel data), {n_studies} studies; "
+        f"engines {backends}"
+    )
     print(f"ingest (C-STORE, durable):      {args.n / t_ingest:8.2f} images/s ({mb / t_ingest:.1f} MB/s)")
     print(f"time to last SR:                {t_total:8.2f} s (includes study_stable_s = 0.5 s)")
     print(f"end-to-end:                     {e2e:8.2f} images/s")

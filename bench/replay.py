@@ -1,7 +1,7 @@
 """Replay throughput: images/s of `screener replay` over a folder of synthetic DX images, against
 engines-only images/s on the same images, in one run.
 
-    python bench/replay.py [--n 200] [--size 1024] [--engines engines/] [--backend auto]
+    python -m bench.replay [--n 200] [--size 1024] [--engines engines/] [--backend auto]
 """
 
 from __future__ import annotations
@@ -13,17 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.node import engines_only_seconds, present_engines, routed_engines, synthetic_images  # noqa: E402
-from screener import config, logs  # noqa: E402
-from screener import preprocessing as pp  # noqa: E402
-from screener.dicom_image import dataset_to_gray8  # noqa: E402
-from screener.replay import replay  # noqa: E402
-from screener.screening import Screener  # noqa: E402
-from screener.service import load_engines  # noqa: E402
+from bench.node import engines_only_seconds, present_engines, routed_engines, synthetic_images
+from screener import config, logs
+from screener.dicom.image import dataset_to_gray8
+from screener.node import load_engines
+from screener.replay import replay
+from screener.screening import Screener
 
 
 def main() -> int:
@@ -37,8 +32,12 @@ def main() -> int:
     args = p.parse_args()
     logs.configure("console", "warning")
     base = config.load("config.toml")
-    settings = dataclasses.replace(base, engines=dataclasses.replace(
-        base.engines, dir=str(args.engines), backend=args.backend, enabled=present_engines(args.engines)))
+    settings = dataclasses.replace(
+        base,
+        engines=dataclasses.replace(
+            base.engines, dir=str(args.engines), backend=args.backend, enabled=present_engines(args.engines)
+        ),
+    )
     engines = load_engines(settings)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -52,10 +51,13 @@ def main() -> int:
         t0 = time.perf_counter()
         summary = replay(folder, tmp / "audit", screener, engines, chunk=args.batch, progress=False)
         t_replay = time.perf_counter() - t0
-        t_eng = engines_only_seconds(engines, [dataset_to_gray8(ds) for ds in images], args.batch,
-                                     routed_engines(images, settings.routing))
-    print(f"replay: {summary.files} files, {summary.screened} screened, {summary.srs} SRs; engines "
-          + ", ".join(f"{k}: {v.backend.name}" for k, v in engines.items()))
+        t_eng = engines_only_seconds(
+            engines, [dataset_to_gray8(ds) for ds in images], args.batch, routed_engines(images, settings.routing)
+        )
+    print(
+        f"replay: {summary.files} files, {summary.screened} screened, {summary.srs} SRs; engines "
+        + ", ".join(f"{k}: {v.backend.name}" for k, v in engines.items())
+    )
     print(f"replay (decode overlapped with inference, SRs, audit): {args.n / t_replay:8.2f} images/s")
     print(f"engines only (same images, preprocessed beforehand):   {args.n / t_eng:8.2f} images/s")
     print(f"replay / engines-only:                                  {(args.n / t_replay) / (args.n / t_eng):8.2f}")

@@ -6,8 +6,8 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from screener import config, logs
 from screener.errors import UserError
@@ -25,8 +25,13 @@ def parser() -> argparse.ArgumentParser:
     _add_config(s)
     s.add_argument("--port", type=int, help="listening port (default 11112)")
     s.add_argument("--ae-title", help="our AE title (default CSPINE)")
-    s.add_argument("--destination", action="append", default=[], metavar="AET@HOST:PORT",
-                   help="where SRs are sent (repeatable; replaces the configured destinations)")
+    s.add_argument(
+        "--destination",
+        action="append",
+        default=[],
+        metavar="AET@HOST:PORT",
+        help="where SRs are sent (repeatable; replaces the configured destinations)",
+    )
     st = sub.add_parser("status", help="counts per state, failures, engines")
     _add_config(st)
     r = sub.add_parser("resend", help="re-queue failed studies (all, or the given Study Instance UIDs)")
@@ -38,8 +43,9 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--config", type=Path, default=None)
     rp.add_argument("--labels", type=Path, help="CSV: sop_instance_uid or file, then a 0/1 column per engine")
     rp.add_argument("--engines", nargs="+", help="engines to run (default: engines.enabled in the config)")
-    rp.add_argument("--backend", choices=("auto", "tensorrt", "onnx-int8", "onnx-fp32"),
-                    help="override engines.backend")
+    rp.add_argument(
+        "--backend", choices=("auto", "tensorrt", "onnx-int8", "onnx-fp32"), help="override engines.backend"
+    )
     rp.add_argument("--compare", type=Path, metavar="OLD_AUDIT", help="report what changed against an earlier audit")
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
     rp.set_defaults(var_dir=None)
@@ -55,12 +61,17 @@ def load_settings(args: argparse.Namespace) -> config.Settings:
         path = Path("config.toml")
     settings = config.load(path)
     dests = [config.parse_destination(d) for d in getattr(args, "destination", []) or []]
-    return config.with_overrides(settings, port=getattr(args, "port", None), ae_title=getattr(args, "ae_title", None),
-                                 var_dir=args.var_dir, destinations=dests or None)
+    return config.with_overrides(
+        settings,
+        port=getattr(args, "port", None),
+        ae_title=getattr(args, "ae_title", None),
+        var_dir=args.var_dir,
+        destinations=dests or None,
+    )
 
 
 def cmd_serve(settings: config.Settings) -> int:
-    from screener.service import Node
+    from screener.node import Node
 
     node = Node(settings)
     stop = threading.Event()
@@ -80,8 +91,8 @@ def cmd_serve(settings: config.Settings) -> int:
 
 
 def cmd_status(settings: config.Settings) -> int:
-    from screener.manifest import load as load_manifest
-    from screener.runtime import choose_backend
+    from screener.engine.manifest import load as load_manifest
+    from screener.engine.runtime import choose_backend
     from screener.store import Store
 
     var = Path(settings.node.var_dir)
@@ -109,8 +120,11 @@ def cmd_status(settings: config.Settings) -> int:
             man = load_manifest(folder, verify=True)
             b = choose_backend(man, settings.engines.backend)
             flags = ("validated" if man.validated else "NOT validated") + (", demo" if man.demo else "")
-            print(f"  {name}: version {man.version}, backend {b.name}, threshold {man.threshold.value if man.threshold else '-'}"
-                  f", {flags}")
+            print(
+                f"  {name}: version {man.version}, backend {b.name}, "
+                f"threshold {man.threshold.value if man.threshold else '-'}"
+                f", {flags}"
+            )
         except UserError as exc:
             print(f"  {name}: NOT LOADABLE: {exc}")
     return 0
@@ -139,22 +153,26 @@ def cmd_replay(settings: config.Settings, args: argparse.Namespace) -> int:
     import json
 
     from screener import replay as rp
+    from screener.node import load_engines
     from screener.screening import Screener
-    from screener.service import load_engines
 
     folder = args.folder
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
-    eng = dataclasses.replace(settings.engines, enabled=list(args.engines or settings.engines.enabled),
-                              backend=args.backend or settings.engines.backend)
+    eng = dataclasses.replace(
+        settings.engines,
+        enabled=list(args.engines or settings.engines.enabled),
+        backend=args.backend or settings.engines.backend,
+    )
     settings = dataclasses.replace(settings, engines=eng)
     engines = load_engines(settings)
     out = args.out or folder.with_name(folder.name.rstrip("/") + "-audit")
     screener = Screener(engines, settings.routing, settings.schedule.batch_max_size)
-    summary = rp.replay(folder, out, screener, engines, chunk=settings.schedule.batch_max_size,
-                        progress=not args.quiet)
-    print(f"{summary.files} files: {summary.screened} screened, {summary.skipped} skipped, {summary.failed} failed; "
-          f"{summary.srs} SR(s); audit in {out}")
+    summary = rp.replay(folder, out, screener, engines, chunk=settings.schedule.batch_max_size, progress=not args.quiet)
+    print(
+        f"{summary.files} files: {summary.screened} screened, {summary.skipped} skipped, {summary.failed} failed; "
+        f"{summary.srs} SR(s); audit in {out}"
+    )
     rows = json.loads((out / "audit.json").read_text())
     if args.labels:
         for name, path in rp.labels_report(out, rows, rp.read_labels(args.labels), engines).items():
@@ -164,10 +182,12 @@ def cmd_replay(settings: config.Settings, args: argparse.Namespace) -> int:
             raise UserError(f"--compare {args.compare}: no audit.json there")
         diff = rp.compare(args.compare, rows)
         (out / "compare.json").write_text(json.dumps(diff, indent=2) + "\n")
-        print(f"compared {diff['compared']} results with {args.compare}: {len(diff['findings_flipped'])} finding(s) "
-              f"flipped, max probability drift {diff['max_probability_drift']:.3g}, "
-              f"{len(diff['only_in_old'])} only in old, {len(diff['only_in_new'])} only in new "
-              f"(details: {out / 'compare.json'})")
+        print(
+            f"compared {diff['compared']} results with {args.compare}: {len(diff['findings_flipped'])} finding(s) "
+            f"flipped, max probability drift {diff['max_probability_drift']:.3g}, "
+            f"{len(diff['only_in_old'])} only in old, {len(diff['only_in_new'])} only in new "
+            f"(details: {out / 'compare.json'})"
+        )
     return 0
 
 

@@ -77,9 +77,7 @@ class EngineSettings:
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "tensorrt", "onnx-int8", "onnx-fp32"):
-            raise ConfigError(
-                f"engines.backend: expected auto|tensorrt|onnx-int8|onnx-fp32, got {self.backend!r}"
-            )
+            raise ConfigError(f"engines.backend: expected auto|tensorrt|onnx-int8|onnx-fp32, got {self.backend!r}")
 
 
 @dataclass(frozen=True)
@@ -164,9 +162,7 @@ def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
     missing = [
         f.name
         for f in dataclasses.fields(cls)
-        if f.name not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
     ]
     if missing:
         raise ConfigError(f"{prefix or 'config'}: missing required setting(s) {', '.join(missing)}")

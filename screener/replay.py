@@ -23,22 +23,37 @@ import csv
 import json
 import os
 import time
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pydicom
 
 from screener import __version__
+from screener.engine.runtime import LoadedEngine
 from screener.logs import get_logger
-from screener.runtime import LoadedEngine
 from screener.screening import ImageOutcome, ReadBatch, Screener
 
 log = get_logger(__name__)
 
-AUDIT_FIELDS = ["file", "study_uid", "sop_instance_uid", "engine", "engine_version", "backend", "probability",
-                "finding", "threshold", "seconds", "status", "reason", "laterality", "roi"]
+AUDIT_FIELDS = [
+    "file",
+    "study_uid",
+    "sop_instance_uid",
+    "engine",
+    "engine_version",
+    "backend",
+    "probability",
+    "finding",
+    "threshold",
+    "seconds",
+    "status",
+    "reason",
+    "laterality",
+    "roi",
+]
 
 
 @dataclass(frozen=True)
@@ -73,11 +88,23 @@ def outcome_rows(out: ImageOutcome, folder: Path) -> list[dict[str, Any]]:
     if not out.results:
         return [{**base, "status": out.state, "reason": out.failed or out.skipped or "no engine result"}]
     lat = out.route.laterality if out.route else ""
-    return [{**base, "engine": r.engine, "engine_version": r.version, "backend": r.backend,
-             "probability": r.probability, "finding": "present" if r.present else "absent",
-             "threshold": r.threshold, "seconds": round(r.seconds + out.decode_seconds, 6),
-             "status": out.state, "reason": out.failed, "laterality": lat if r.roi else "",
-             "roi": list(r.roi) if r.roi else None} for r in out.results]
+    return [
+        {
+            **base,
+            "engine": r.engine,
+            "engine_version": r.version,
+            "backend": r.backend,
+            "probability": r.probability,
+            "finding": "present" if r.present else "absent",
+            "threshold": r.threshold,
+            "seconds": round(r.seconds + out.decode_seconds, 6),
+            "status": out.state,
+            "reason": out.failed,
+            "laterality": lat if r.roi else "",
+            "roi": list(r.roi) if r.roi else None,
+        }
+        for r in out.results
+    ]
 
 
 def _load_progress(path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -95,16 +122,29 @@ def _load_progress(path: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def engines_summary(engines: Mapping[str, LoadedEngine]) -> dict[str, Any]:
-    return {name: {"version": e.manifest.version, "backend": e.backend.name, "backend_sha256": e.backend.sha256,
-                   "threshold": e.manifest.threshold.value if e.manifest.threshold else None,
-                   "validated": e.manifest.validated, "demo": e.manifest.demo,
-                   "data_fingerprint": e.manifest.data.get("fingerprint"),
-                   "files": {b.name: b.sha256 for b in e.manifest.backends}}
-            for name, e in engines.items()}
+    return {
+        name: {
+            "version": e.manifest.version,
+            "backend": e.backend.name,
+            "backend_sha256": e.backend.sha256,
+            "threshold": e.manifest.threshold.value if e.manifest.threshold else None,
+            "validated": e.manifest.validated,
+            "demo": e.manifest.demo,
+            "data_fingerprint": e.manifest.data.get("fingerprint"),
+            "files": {b.name: b.sha256 for b in e.manifest.backends},
+        }
+        for name, e in engines.items()
+    }
 
 
-def replay(folder: Path, out: Path, screener: Screener, engines: Mapping[str, LoadedEngine],
-           chunk: int = 32, progress: bool = True) -> ReplaySummary:
+def replay(
+    folder: Path,
+    out: Path,
+    screener: Screener,
+    engines: Mapping[str, LoadedEngine],
+    chunk: int = 32,
+    progress: bool = True,
+) -> ReplaySummary:
     folder, out = Path(folder), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     progress_file = out / "audit.jsonl"
@@ -115,7 +155,7 @@ def replay(folder: Path, out: Path, screener: Screener, engines: Mapping[str, Lo
     from tqdm import tqdm
 
     bar = tqdm(total=len(files), initial=len(files) - len(todo), unit="img", desc="replay", disable=not progress)
-    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
+    chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
     with open(progress_file, "a", encoding="utf-8") as log_f, ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(screener.read_many, chunks[0]) if chunks else None
         for i in range(len(chunks)):
@@ -135,17 +175,40 @@ def replay(folder: Path, out: Path, screener: Screener, engines: Mapping[str, Lo
     write_audit(out, rows)
     n_srs, n_studies = write_srs(out, folder, rows, engines)
     by_file: dict[str, str] = {r["file"]: r["status"] for r in rows}
-    summary = ReplaySummary(out, len(by_file), sum(s == "screened" for s in by_file.values()),
-                            sum(s == "skipped" for s in by_file.values()),
-                            sum(s == "failed" for s in by_file.values()),
-                            sum(1 for r in rows if r.get("engine")), n_studies, n_srs, round(elapsed, 3),
-                            round(len(todo) / elapsed, 3) if elapsed > 0 and todo else 0.0)
-    (out / "summary.json").write_text(json.dumps({
-        "software_version": __version__, "folder": str(folder), "files_this_run": len(todo),
-        "counts": {k: v for k, v in summary.__dict__.items() if k not in ("out",)},
-        "engines": engines_summary(engines)}, indent=2, default=str) + "\n")
-    log.info("replay_done", files=summary.files, screened=summary.screened, skipped=summary.skipped,
-             failed=summary.failed, srs=summary.srs)
+    summary = ReplaySummary(
+        out,
+        len(by_file),
+        sum(s == "screened" for s in by_file.values()),
+        sum(s == "skipped" for s in by_file.values()),
+        sum(s == "failed" for s in by_file.values()),
+        sum(1 for r in rows if r.get("engine")),
+        n_studies,
+        n_srs,
+        round(elapsed, 3),
+        round(len(todo) / elapsed, 3) if elapsed > 0 and todo else 0.0,
+    )
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "software_version": __version__,
+                "folder": str(folder),
+                "files_this_run": len(todo),
+                "counts": {k: v for k, v in summary.__dict__.items() if k not in ("out",)},
+                "engines": engines_summary(engines),
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
+    log.info(
+        "replay_done",
+        files=summary.files,
+        screened=summary.screened,
+        skipped=summary.skipped,
+        failed=summary.failed,
+        srs=summary.srs,
+    )
     return summary
 
 
@@ -158,10 +221,11 @@ def write_audit(out: Path, rows: list[dict[str, Any]]) -> None:
             w.writerow({**r, "roi": " ".join(f"{v:.1f}" for v in r["roi"]) if r.get("roi") else ""})
 
 
-def write_srs(out: Path, folder: Path, rows: Iterable[dict[str, Any]],
-              engines: Mapping[str, LoadedEngine]) -> tuple[int, int]:
+def write_srs(
+    out: Path, folder: Path, rows: Iterable[dict[str, Any]], engines: Mapping[str, LoadedEngine]
+) -> tuple[int, int]:
     """One SR per study from the audit rows (headers re-read without pixel data)."""
-    from screener.sr import EngineInfo, Finding, build_sr, derive_uid, sr_to_bytes
+    from screener.dicom.sr import EngineInfo, Finding, build_sr, derive_uid, sr_to_bytes
 
     by_study: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -177,8 +241,16 @@ def write_srs(out: Path, folder: Path, rows: Iterable[dict[str, Any]],
             header = pydicom.dcmread(str(folder / r["file"]), stop_before_pixels=True)
             info = EngineInfo.from_manifest(engines[r["engine"]].manifest, r["backend"])
             roi = tuple(r["roi"]) if r.get("roi") else None
-            findings.append(Finding(header, info, float(r["probability"]), r["finding"] == "present",
-                                    roi=roi, laterality=r.get("laterality") or None))
+            findings.append(
+                Finding(
+                    header,
+                    info,
+                    float(r["probability"]),
+                    r["finding"] == "present",
+                    roi=roi,
+                    laterality=r.get("laterality") or None,
+                )
+            )
         if not findings:
             continue
         try:
@@ -192,6 +264,7 @@ def write_srs(out: Path, folder: Path, rows: Iterable[dict[str, Any]],
 
 
 # ----------------------------------------------------------------------------- compare
+
 
 def compare(old_audit: Path, new_rows: list[dict[str, Any]], drift_tolerance: float = 1e-6) -> dict[str, Any]:
     """What changed between an earlier audit (audit.json or its folder) and this one."""
@@ -210,13 +283,22 @@ def compare(old_audit: Path, new_rows: list[dict[str, Any]], drift_tolerance: fl
         if not key[1]:
             continue
         if a.get("finding") != b.get("finding"):
-            flipped.append({"sop_instance_uid": key[0], "engine": key[1], "old": a.get("finding"),
-                            "new": b.get("finding"), "old_probability": a.get("probability"),
-                            "new_probability": b.get("probability")})
+            flipped.append(
+                {
+                    "sop_instance_uid": key[0],
+                    "engine": key[1],
+                    "old": a.get("finding"),
+                    "new": b.get("finding"),
+                    "old_probability": a.get("probability"),
+                    "new_probability": b.get("probability"),
+                }
+            )
         if a.get("probability") is not None and b.get("probability") is not None:
             drifts.append(abs(float(a["probability"]) - float(b["probability"])))
-    versions = sorted({(r.get("engine"), r.get("engine_version")) for r in old_rows if r.get("engine")} ^
-                      {(r.get("engine"), r.get("engine_version")) for r in new_rows if r.get("engine")})
+    versions = sorted(
+        {(r.get("engine"), r.get("engine_version")) for r in old_rows if r.get("engine")}
+        ^ {(r.get("engine"), r.get("engine_version")) for r in new_rows if r.get("engine")}
+    )
     return {
         "compared": len(drifts),
         "findings_flipped": flipped,
@@ -230,6 +312,7 @@ def compare(old_audit: Path, new_rows: list[dict[str, Any]], drift_tolerance: fl
 
 
 # ----------------------------------------------------------------------------- labels
+
 
 def read_labels(path: Path) -> dict[str, dict[str, int]]:
     """labels CSV: a `sop_instance_uid` or `file` column, then one 0/1 column per engine name."""
@@ -257,14 +340,15 @@ def read_labels(path: Path) -> dict[str, dict[str, int]]:
         raise UserError(f"{path}: cannot read labels ({exc.strerror})") from None
 
 
-def labels_report(out: Path, rows: list[dict[str, Any]], labels: Mapping[str, Mapping[str, int]],
-                  engines: Mapping[str, LoadedEngine]) -> dict[str, Path]:
+def labels_report(
+    out: Path, rows: list[dict[str, Any]], labels: Mapping[str, Mapping[str, int]], engines: Mapping[str, LoadedEngine]
+) -> dict[str, Path]:
     """The trainer's evaluation report per engine, at the engine's own threshold."""
     import dataclasses
 
     import numpy as np
 
-    from trainer import metrics, report  # same distribution; the evaluation code lives with the trainer
+    from screener.engine import metrics, report  # same distribution; the evaluation code lives with the trainer
 
     written: dict[str, Path] = {}
     for name, engine in engines.items():
@@ -284,13 +368,24 @@ def labels_report(out: Path, rows: list[dict[str, Any]], labels: Mapping[str, Ma
             log.warning("labels_one_class", engine=name, n=len(ys))
         ev = metrics.evaluate(y, p, y, p, class_names=tuple(engine.manifest.class_names))
         ev = dataclasses.replace(
-            ev, threshold=dataclasses.replace(ev.threshold, threshold=thr, split="engine manifest",
-                                              method="the engine's threshold (chosen on its validation split)"),
-            test=metrics.binary_metrics(y, p, thr), validation=metrics.binary_metrics(y, p, thr))
+            ev,
+            threshold=dataclasses.replace(
+                ev.threshold,
+                threshold=thr,
+                split="engine manifest",
+                method="the engine's threshold (chosen on its validation split)",
+            ),
+            test=metrics.binary_metrics(y, p, thr),
+            validation=metrics.binary_metrics(y, p, thr),
+        )
         folder = out / "labels" / name
-        paths = report.write_report(folder, ev, extra={"engine_version": engine.manifest.version,
-                                                       "backend": engine.backend.name, "n_labelled": len(ys)},
-                                    y_test=y, p_test=p, title=f"Replay audit of {name} {engine.manifest.version} "
-                                                              "against site labels")
+        paths = report.write_report(
+            folder,
+            ev,
+            extra={"engine_version": engine.manifest.version, "backend": engine.backend.name, "n_labelled": len(ys)},
+            y_test=y,
+            p_test=p,
+            title=f"Replay audit of {name} {engine.manifest.version} against site labels",
+        )
         written[name] = paths["markdown"]
     return written

@@ -8,8 +8,8 @@ rule wins. An image no rule matches is skipped with the reason recorded.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from screener.config import RoutingRule
 

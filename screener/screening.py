@@ -13,23 +13,22 @@ it from the ROI engine; when none is loaded the image is skipped with a reason.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from screener import preprocessing as pp
 from screener.config import RoutingRule
-from screener.dicom_image import SCREENED_SOP_CLASSES, ImageDecodeError, dataset_to_gray8, header_attributes
+from screener.dicom.image import SCREENED_SOP_CLASSES, ImageDecodeError, dataset_to_gray8, header_attributes
+from screener.engine import preprocessing as pp
+from screener.engine.runtime import LoadedEngine
 from screener.logs import get_logger
 from screener.routing import Route, describe, route
-from screener.runtime import LoadedEngine
 
 log = get_logger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ class Screener:
         """Screen files; one outcome per file, in order."""
         return self.infer(self.read_many(paths))
 
-    def read_many(self, paths: Sequence[Path]) -> "ReadBatch":
+    def read_many(self, paths: Sequence[Path]) -> ReadBatch:
         """Read, route and decode files (the I/O and CPU part that can overlap inference)."""
         batch = ReadBatch()
         for p in paths:
@@ -144,7 +143,7 @@ class Screener:
                 batch.pending.append(_Pending(out, gray, engines))
         return batch
 
-    def infer(self, batch: "ReadBatch") -> list[ImageOutcome]:
+    def infer(self, batch: ReadBatch) -> list[ImageOutcome]:
         """Run the engines on a decoded batch; fills in each outcome's results."""
         pending = batch.pending
         boxes = self._roi_boxes(pending)
@@ -153,7 +152,7 @@ class Screener:
                 continue
             items = [pe for pe in pending if name in pe.engines and not pe.outcome.failed]
             for start in range(0, len(items), self.batch_size):
-                self._run_classifier(name, engine, items[start:start + self.batch_size], boxes)
+                self._run_classifier(name, engine, items[start : start + self.batch_size], boxes)
         return batch.outcomes
 
     def _roi_boxes(self, pending: list[_Pending]) -> dict[int, pp.Box]:
@@ -162,17 +161,18 @@ class Screener:
         need = [pe for pe in pending if any(self.engines[e].manifest.preprocessing.needs_box for e in pe.engines)]
         if roi is None or not need:
             return {}
-        from screener.roi import predict_boxes  # the ROI engine's own pre/post-processing
+        from screener.engine.roi import predict_boxes  # the ROI engine's own pre/post-processing
 
         boxes: dict[int, pp.Box] = {}
         for start in range(0, len(need), self.batch_size):
-            chunk = need[start:start + self.batch_size]
+            chunk = need[start : start + self.batch_size]
             for pe, box in zip(chunk, predict_boxes(roi, [pe.gray for pe in chunk])):
                 boxes[id(pe)] = box
         return boxes
 
-    def _run_classifier(self, name: str, engine: LoadedEngine, items: list[_Pending],
-                        boxes: Mapping[int, pp.Box]) -> None:
+    def _run_classifier(
+        self, name: str, engine: LoadedEngine, items: list[_Pending], boxes: Mapping[int, pp.Box]
+    ) -> None:
         if not items:
             return
         man = engine.manifest
@@ -194,7 +194,15 @@ class Screener:
         per_image = (time.perf_counter() - t0) / len(tensors)
         thr = float(man.threshold.value) if man.threshold else 0.5
         for (pe, box), p in zip(used, probs):
-            pe.outcome.results.append(EngineResult(
-                engine=name, version=man.version, backend=engine.backend.name, probability=float(p),
-                present=bool(p >= thr), threshold=thr, roi=tuple(float(v) for v in box) if box else None,
-                seconds=per_image))
+            pe.outcome.results.append(
+                EngineResult(
+                    engine=name,
+                    version=man.version,
+                    backend=engine.backend.name,
+                    probability=float(p),
+                    present=bool(p >= thr),
+                    threshold=thr,
+                    roi=tuple(float(v) for v in box) if box else None,
+                    seconds=per_image,
+                )
+            )

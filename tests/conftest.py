@@ -10,9 +10,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from trainer.csxa import KEYPOINT_LABELS  # noqa: E402
 
-HEADER = ["Number", "Gender:female-1,male-0", "Age",
-          "Disease classification: 1. Cervical spondylosis; 2. Healthy",
-          "Curvature: 1.Lordotic, 2.Straight, 3.Sigmoid1, 4.Sigmoid2, 5.Kyphotic", "C2-7Cobb"]
+HEADER = [
+    "Number",
+    "Gender:female-1,male-0",
+    "Age",
+    "Disease classification: 1. Cervical spondylosis; 2. Healthy",
+    "Curvature: 1.Lordotic, 2.Straight, 3.Sigmoid1, 4.Sigmoid2, 5.Kyphotic",
+    "C2-7Cobb",
+]
 
 
 def write_sheet(path: Path, rows, header=HEADER, super_header=True):
@@ -32,8 +37,15 @@ def write_sheet(path: Path, rows, header=HEADER, super_header=True):
 def keypoint_shapes(x0=100.0, y0=100.0, step=40.0):
     shapes = []
     for i, label in enumerate(KEYPOINT_LABELS):
-        shapes.append({"label": label, "points": [[x0 + (i % 2) * 60, y0 + i * step / 4]],
-                       "shape_type": "point", "group_id": None, "flags": {}})
+        shapes.append(
+            {
+                "label": label,
+                "points": [[x0 + (i % 2) * 60, y0 + i * step / 4]],
+                "shape_type": "point",
+                "group_id": None,
+                "flags": {},
+            }
+        )
     return shapes
 
 
@@ -47,9 +59,19 @@ def make_mini_csxa(root: Path, rows, image_size=(300, 260)):
         img = np.zeros(image_size, np.uint8)
         cv2.rectangle(img, (100, 100), (170, 250), 200 if d == 1 else 120, -1)
         cv2.imwrite(str(root / "datasets-PNG" / f"{stem}.png"), img)
-        (root / "datasets-JSON" / f"{stem}.json").write_text(json.dumps(
-            {"version": "4.5.6", "flags": {}, "shapes": keypoint_shapes(), "imagePath": f"{stem}.png",
-             "imageData": None, "imageHeight": image_size[0], "imageWidth": image_size[1]}))
+        (root / "datasets-JSON" / f"{stem}.json").write_text(
+            json.dumps(
+                {
+                    "version": "4.5.6",
+                    "flags": {},
+                    "shapes": keypoint_shapes(),
+                    "imagePath": f"{stem}.png",
+                    "imageData": None,
+                    "imageHeight": image_size[0],
+                    "imageWidth": image_size[1],
+                }
+            )
+        )
     return root
 
 
@@ -68,8 +90,18 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data = root / "synth"
     synthesize(data, n=72, seed=7, healthy_fraction=0.3)
-    opts = BuildOptions(task="spondylosis", data=data, out=root / "engines", image_size=64, epochs=2,
-                        batch_size=8, progress=False, n_boot=200, augment="light", demo=True)
+    opts = BuildOptions(
+        task="spondylosis",
+        data=data,
+        out=root / "engines",
+        image_size=64,
+        epochs=2,
+        batch_size=8,
+        progress=False,
+        n_boot=200,
+        augment="light",
+        demo=True,
+    )
     return opts, build_engine(opts)
 
 
@@ -87,9 +119,33 @@ def all_engines(built, tmp_path_factory):
     shutil.copytree(built[1], engines / "spondylosis")
     oblique = root / "oblique"
     synthesize_oblique(oblique, n=64, seed=5, positive_fraction=0.4, annotated_fraction=0.6)
-    roi = build_engine(BuildOptions(task="roi", data=built[0].data, extra_data=(oblique,), out=engines,
-                                    image_size=64, epochs=1, batch_size=8, progress=False, n_boot=100, demo=True))
-    stenosis = build_engine(BuildOptions(task="stenosis", data=oblique, roi_engine=roi, out=engines, image_size=64,
-                                         epochs=1, batch_size=8, progress=False, n_boot=100, demo=True,
-                                         augment="light"))
+    roi = build_engine(
+        BuildOptions(
+            task="roi",
+            data=built[0].data,
+            extra_data=(oblique,),
+            out=engines,
+            image_size=64,
+            epochs=1,
+            batch_size=8,
+            progress=False,
+            n_boot=100,
+            demo=True,
+        )
+    )
+    stenosis = build_engine(
+        BuildOptions(
+            task="stenosis",
+            data=oblique,
+            roi_engine=roi,
+            out=engines,
+            image_size=64,
+            epochs=1,
+            batch_size=8,
+            progress=False,
+            n_boot=100,
+            demo=True,
+            augment="light",
+        )
+    )
     return {"dir": engines, "oblique": oblique, "roi": roi, "stenosis": stenosis}

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from screener import preprocessing as pp
-from trainer import metrics, report
-from trainer.augment import PRESETS
+from screener.engine import metrics, report
+from screener.engine import preprocessing as pp
 from screener.errors import UserError
+from trainer.augment import PRESETS
 from trainer.build import TASKS, load_prepared
 from trainer.data import PreparedDataset
 from trainer.model import build_classifier, pick_device
@@ -95,17 +95,34 @@ def run_ablation(opts: AblationOptions) -> str:
         test_ids = [s.id for s, sp in zip(data.samples, data.splits) if sp == "test"]
         model, _ = build_classifier(opts.pretrained, stn=cond.stn)
         norm = pp.IMAGENET if opts.pretrained else pp.channel_stats(tx)
-        cfg = TrainConfig(epochs=opts.epochs, batch_size=opts.batch_size or defaults.batch_size,
-                          optimizer=defaults.optimizer, lr=defaults.lr, step_epochs=defaults.step_epochs,
-                          gamma=defaults.gamma, seed=opts.split_seed % 10_000)
+        cfg = TrainConfig(
+            epochs=opts.epochs,
+            batch_size=opts.batch_size or defaults.batch_size,
+            optimizer=defaults.optimizer,
+            lr=defaults.lr,
+            step_epochs=defaults.step_epochs,
+            gamma=defaults.gamma,
+            seed=opts.split_seed % 10_000,
+        )
         work = opts.out / ".work" / cond.name.replace("+", "_")
-        train(model, PreparedDataset(tx, ty, norm, PRESETS[opts.augment], seed=cfg.seed),
-              PreparedDataset(vx, vy, norm), cfg, work, device, progress=opts.progress)
+        train(
+            model,
+            PreparedDataset(tx, ty, norm, PRESETS[opts.augment], seed=cfg.seed),
+            PreparedDataset(vx, vy, norm),
+            cfg,
+            work,
+            device,
+            progress=opts.progress,
+        )
         p_val = predict_proba(model, PreparedDataset(vx, vy, norm), device)
         p_test = predict_proba(model, PreparedDataset(sx, sy, norm), device)
         ev = metrics.evaluate(vy, p_val, sy, p_test, class_names=defaults.class_names)
-        results[cond.name] = {"ids": test_ids, "y": sy, "pred": (p_test >= ev.threshold.threshold).astype(int),
-                              "eval": ev}
+        results[cond.name] = {
+            "ids": test_ids,
+            "y": sy,
+            "pred": (p_test >= ev.threshold.threshold).astype(int),
+            "eval": ev,
+        }
     return _write_table(opts, results)
 
 
@@ -125,29 +142,39 @@ def _write_table(opts: AblationOptions, results: dict[str, dict]) -> str:
                 pa = np.array([base["pred"][ia[i]] for i in common])
                 pb = np.array([r["pred"][ib[i]] for i in common])
                 p_value = f"{metrics.mcnemar(y, pa, pb).p_value:.3g}"
-        rows.append({
-            "condition": cond,
-            "AUROC [95% CI]": report.format_estimate(t.auroc, t.auroc_ci),
-            "sensitivity": report.format_estimate(t.sensitivity, t.sensitivity_ci),
-            "specificity": report.format_estimate(t.specificity, t.specificity_ci),
-            "balanced accuracy": report.format_estimate(t.balanced_accuracy),
-            "accuracy": report.format_estimate(t.accuracy),
-            f"McNemar p vs {base_name}": p_value,
-        })
+        rows.append(
+            {
+                "condition": cond,
+                "AUROC [95% CI]": report.format_estimate(t.auroc, t.auroc_ci),
+                "sensitivity": report.format_estimate(t.sensitivity, t.sensitivity_ci),
+                "specificity": report.format_estimate(t.specificity, t.specificity_ci),
+                "balanced accuracy": report.format_estimate(t.balanced_accuracy),
+                "accuracy": report.format_estimate(t.accuracy),
+                f"McNemar p vs {base_name}": p_value,
+            }
+        )
     base_eval = base["eval"].majority_baseline
-    rows.append({"condition": "majority baseline", "AUROC [95% CI]": "0.500",
-                 "sensitivity": report.format_estimate(base_eval.sensitivity),
-                 "specificity": report.format_estimate(base_eval.specificity),
-                 "balanced accuracy": report.format_estimate(base_eval.balanced_accuracy),
-                 "accuracy": report.format_estimate(base_eval.accuracy), f"McNemar p vs {base_name}": "-"})
+    rows.append(
+        {
+            "condition": "majority baseline",
+            "AUROC [95% CI]": "0.500",
+            "sensitivity": report.format_estimate(base_eval.sensitivity),
+            "specificity": report.format_estimate(base_eval.specificity),
+            "balanced accuracy": report.format_estimate(base_eval.balanced_accuracy),
+            "accuracy": report.format_estimate(base_eval.accuracy),
+            f"McNemar p vs {base_name}": "-",
+        }
+    )
     columns = list(rows[0].keys())
     table = report.format_table(rows, columns)
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "ablation.md").write_text(
         f"# Ablation ({opts.task}): the study's conditions\n\n"
         "Same patient-grouped split and seed for every condition; thresholds from each condition's "
-        "validation set at sensitivity 0.95; McNemar's paired test on the shared test images.\n\n"
-        + table + "\n", encoding="utf-8")
-    (opts.out / "ablation.json").write_text(json.dumps(
-        {c: report.to_jsonable(r["eval"]) for c, r in results.items()}, indent=2, allow_nan=False))
+        "validation set at sensitivity 0.95; McNemar's paired test on the shared test images.\n\n" + table + "\n",
+        encoding="utf-8",
+    )
+    (opts.out / "ablation.json").write_text(
+        json.dumps({c: report.to_jsonable(r["eval"]) for c, r in results.items()}, indent=2, allow_nan=False)
+    )
     return table

@@ -42,6 +42,7 @@ def augment(img: np.ndarray, rng: np.random.Generator, cfg: Augment) -> np.ndarr
     if cfg.rotations and angle != 0.0:
         h, w = out.shape[:2]
         m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, 1.0)
-        out = cv2.warpAffine(np.ascontiguousarray(out), m, (w, h), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        out = cv2.warpAffine(
+            np.ascontiguousarray(out), m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        )
     return np.ascontiguousarray(out)

@@ -12,7 +12,7 @@ import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 import screener
-from screener import manifest as mf
-from screener import preprocessing as pp
+from screener.engine import manifest as mf
+from screener.engine import metrics, report
+from screener.engine import preprocessing as pp
 from screener.errors import UserError
 from screener.logs import get_logger
-from trainer import csxa, export, metrics, report
+from trainer import csxa, export
 from trainer.augment import PRESETS
 from trainer.data import PreparedDataset, fingerprint, prepare_samples
 from trainer.model import ProbabilityHead, build_classifier, pick_device
@@ -112,8 +113,8 @@ def load_samples(task: str, data: Path, rcp: pp.Recipe, roi_engine: Path | None 
         return samples, report
     unannotated = [s for s in samples if s.box is None]
     if unannotated and roi_engine is not None:
-        from screener.roi import predict_boxes
-        from screener.runtime import load_engine
+        from screener.engine.roi import predict_boxes
+        from screener.engine.runtime import load_engine
         from trainer.data import read_gray8
 
         engine = load_engine(roi_engine, "onnx-fp32")
@@ -123,8 +124,10 @@ def load_samples(task: str, data: Path, rcp: pp.Recipe, roi_engine: Path | None 
                 boxes[s.image_path] = predict_boxes(engine, [read_gray8(s.image_path)[0]])[0]
             except ValueError as exc:
                 report.skip(s.image_path, str(exc))
-        samples = [dataclasses.replace(s, box=boxes[s.image_path]) if s.box is None and s.image_path in boxes
-                   else s for s in samples]
+        samples = [
+            dataclasses.replace(s, box=boxes[s.image_path]) if s.box is None and s.image_path in boxes else s
+            for s in samples
+        ]
     kept = []
     for s in samples:
         if s.box is None:
@@ -134,8 +137,14 @@ def load_samples(task: str, data: Path, rcp: pp.Recipe, roi_engine: Path | None 
     return kept, report
 
 
-def load_prepared(data: Path, rcp: pp.Recipe, spec: SplitSpec, progress: bool, task: str = "spondylosis",
-                  roi_engine: Path | None = None) -> PreparedData:
+def load_prepared(
+    data: Path,
+    rcp: pp.Recipe,
+    spec: SplitSpec,
+    progress: bool,
+    task: str = "spondylosis",
+    roi_engine: Path | None = None,
+) -> PreparedData:
     """Read the data set, split by patient and prepare every image with the shared preprocessing."""
     samples, load_report = load_samples(task, data, rcp, roi_engine)
     if not samples:
@@ -161,8 +170,15 @@ def _work_dir(opts: BuildOptions, rcp: pp.Recipe, fp: str, cfg: TrainConfig) -> 
     """Checkpoint folder; cleared when data, recipe or training settings differ from last time."""
     work = opts.out / ".work" / opts.task
     train_cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("epochs", "patience")}  # extendable
-    meta = {"fingerprint": fp, "recipe": rcp.to_dict(), "train": train_cfg, "stn": opts.stn,
-            "pretrained": str(opts.pretrained or ""), "augment": opts.augment, "split_seed": opts.split_seed}
+    meta = {
+        "fingerprint": fp,
+        "recipe": rcp.to_dict(),
+        "train": train_cfg,
+        "stn": opts.stn,
+        "pretrained": str(opts.pretrained or ""),
+        "augment": opts.augment,
+        "split_seed": opts.split_seed,
+    }
     return checkpoint_dir(work, meta)
 
 
@@ -192,19 +208,31 @@ def build_engine(opts: BuildOptions) -> Path:
 
     model, pre_info = build_classifier(opts.pretrained, stn=opts.stn)
     norm = pp.IMAGENET if opts.pretrained else pp.channel_stats(train_x)
-    cfg = TrainConfig(epochs=opts.epochs, batch_size=opts.batch_size or defaults.batch_size, balance=opts.balance,
-                      optimizer=opts.optimizer or defaults.optimizer, lr=opts.lr or defaults.lr,
-                      step_epochs=defaults.step_epochs,
-                      gamma=defaults.gamma, patience=opts.patience, seed=opts.split_seed % 10_000)
+    cfg = TrainConfig(
+        epochs=opts.epochs,
+        batch_size=opts.batch_size or defaults.batch_size,
+        balance=opts.balance,
+        optimizer=opts.optimizer or defaults.optimizer,
+        lr=opts.lr or defaults.lr,
+        step_epochs=defaults.step_epochs,
+        gamma=defaults.gamma,
+        patience=opts.patience,
+        seed=opts.split_seed % 10_000,
+    )
     device = pick_device()
     train_ds = PreparedDataset(train_x, train_y, norm, PRESETS[opts.augment], seed=cfg.seed)
     val_ds = PreparedDataset(val_x, val_y, norm)
     test_ds = PreparedDataset(test_x, test_y, norm)
 
-    training: dict[str, Any] = {"config": cfg.to_dict(), "augment": opts.augment,
-                                "augment_params": PRESETS[opts.augment].to_dict(), "device": str(device),
-                                "pretrained": dataclasses.asdict(pre_info), "stn": opts.stn,
-                                "architecture": "torchvision resnet50, 2-class head"}
+    training: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "augment": opts.augment,
+        "augment_params": PRESETS[opts.augment].to_dict(),
+        "device": str(device),
+        "pretrained": dataclasses.asdict(pre_info),
+        "stn": opts.stn,
+        "architecture": "torchvision resnet50, 2-class head",
+    }
     if opts.checkpoint:
         if not opts.checkpoint.is_file():
             raise UserError(f"--checkpoint {opts.checkpoint}: file not found")
@@ -212,7 +240,9 @@ def build_engine(opts: BuildOptions) -> Path:
             state = torch.load(opts.checkpoint, map_location="cpu", weights_only=True)
             model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"--checkpoint {opts.checkpoint}: not a checkpoint of this model ({exc.__class__.__name__})") from None
+            raise UserError(
+                f"--checkpoint {opts.checkpoint}: not a checkpoint of this model ({exc.__class__.__name__})"
+            ) from None
         training["checkpoint"] = {"file": opts.checkpoint.name, "sha256": mf.sha256_file(opts.checkpoint)}
         model.to(device)
     else:
@@ -222,8 +252,16 @@ def build_engine(opts: BuildOptions) -> Path:
 
     p_val = predict_proba(model, val_ds, device)
     p_test = predict_proba(model, test_ds, device)
-    evaluation = metrics.evaluate(val_y, p_val, test_y, p_test, target_sensitivity=opts.target_sensitivity,
-                                  n_boot=opts.n_boot, seed=0, class_names=defaults.class_names)
+    evaluation = metrics.evaluate(
+        val_y,
+        p_val,
+        test_y,
+        p_test,
+        target_sensitivity=opts.target_sensitivity,
+        n_boot=opts.n_boot,
+        seed=0,
+        class_names=defaults.class_names,
+    )
     thr = evaluation.threshold
 
     building = opts.out / f".{opts.task}.building"
@@ -231,57 +269,115 @@ def build_engine(opts: BuildOptions) -> Path:
         shutil.rmtree(building)
     building.mkdir(parents=True)
     head = ProbabilityHead(model.to("cpu").eval())
-    backends, backend_metrics = _export_backends(head, building, rcp, opts, train_x, test_x, test_y, norm,
-                                                 evaluation.test.auroc)
-    created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    backends, backend_metrics = _export_backends(
+        head, building, rcp, opts, train_x, test_x, test_y, norm, evaluation.test.auroc
+    )
+    created = datetime.now(UTC).replace(microsecond=0).isoformat()
     version = opts.version or f"{created[:10].replace('-', '.')}+{data.fingerprint[:8]}"
     counts = split_counts(list(data.splits), list(data.labels))
     extra = {
-        "task": opts.task, "engine_version": version, "recipe": rcp.to_dict(),
-        "data_fingerprint": data.fingerprint, "split_seed": opts.split_seed, "splits": counts,
-        "data_problems": data.load_report.summary(), "pretrained": pre_info.source,
-        "backends": backend_metrics, "validated": bool(opts.validated_by), "demo": opts.demo,
+        "task": opts.task,
+        "engine_version": version,
+        "recipe": rcp.to_dict(),
+        "data_fingerprint": data.fingerprint,
+        "split_seed": opts.split_seed,
+        "splits": counts,
+        "data_problems": data.load_report.summary(),
+        "pretrained": pre_info.source,
+        "backends": backend_metrics,
+        "validated": bool(opts.validated_by),
+        "demo": opts.demo,
     }
-    report.write_report(building, evaluation, extra=extra, y_test=test_y, p_test=p_test,
-                        title=f"{opts.task} engine {version}: evaluation on the held-out test split")
+    report.write_report(
+        building,
+        evaluation,
+        extra=extra,
+        y_test=test_y,
+        p_test=p_test,
+        title=f"{opts.task} engine {version}: evaluation on the held-out test split",
+    )
     notes = []
     if pre_info.source == "random-init":
         notes.append("trained from random initialisation (no --pretrained weights)")
     if opts.demo:
         notes.append("demo engine built from synthetic data: not for clinical use")
     manifest = mf.Manifest(
-        task=opts.task, version=version, created=created, kind="classifier", input_size=rcp.image_size,
-        input_name="image", output_name="probability", preprocessing=rcp, normalization=norm,
+        task=opts.task,
+        version=version,
+        created=created,
+        kind="classifier",
+        input_size=rcp.image_size,
+        input_name="image",
+        output_name="probability",
+        preprocessing=rcp,
+        normalization=norm,
         class_names=list(defaults.class_names),
-        threshold=mf.Threshold(value=float(thr.threshold), method=thr.method, split=thr.split,
-                               target_sensitivity=thr.target_sensitivity,
-                               achieved_sensitivity=thr.achieved_sensitivity,
-                               achieved_specificity=thr.achieved_specificity),
-        metrics={"test": report.to_jsonable(evaluation.test),
-                 "validation_auroc": evaluation.validation.auroc,
-                 "majority_baseline": report.to_jsonable(evaluation.majority_baseline),
-                 "brier_score": evaluation.brier_score, "backends": backend_metrics},
-        data={"fingerprint": data.fingerprint, "root_name": Path(opts.data).name, "n_images": len(data.labels),
-              "splits": counts, "split_seed": opts.split_seed, "split_method":
-              "stratified by label, grouped by patient (consecutive rows with equal gender and age)",
-              "roi_boxes": "annotated" if opts.roi_engine is None else f"annotated, else ROI engine {opts.roi_engine.name}",
-              "problems": data.load_report.summary()},
-        training=training, backends=backends,
-        validated=bool(opts.validated_by), validated_by=opts.validated_by, demo=opts.demo,
-        software_version=screener.__version__, notes=notes,
+        threshold=mf.Threshold(
+            value=float(thr.threshold),
+            method=thr.method,
+            split=thr.split,
+            target_sensitivity=thr.target_sensitivity,
+            achieved_sensitivity=thr.achieved_sensitivity,
+            achieved_specificity=thr.achieved_specificity,
+        ),
+        metrics={
+            "test": report.to_jsonable(evaluation.test),
+            "validation_auroc": evaluation.validation.auroc,
+            "majority_baseline": report.to_jsonable(evaluation.majority_baseline),
+            "brier_score": evaluation.brier_score,
+            "backends": backend_metrics,
+        },
+        data={
+            "fingerprint": data.fingerprint,
+            "root_name": Path(opts.data).name,
+            "n_images": len(data.labels),
+            "splits": counts,
+            "split_seed": opts.split_seed,
+            "split_method": "stratified by label, grouped by patient (consecutive rows with equal gender and age)",
+            "roi_boxes": "annotated"
+            if opts.roi_engine is None
+            else f"annotated, else ROI engine {opts.roi_engine.name}",
+            "problems": data.load_report.summary(),
+        },
+        training=training,
+        backends=backends,
+        validated=bool(opts.validated_by),
+        validated_by=opts.validated_by,
+        demo=opts.demo,
+        software_version=screener.__version__,
+        notes=notes,
     )
     final = mf.install(manifest, building, opts.out)
-    log.info("engine_built", task=opts.task, version=version, folder=str(final),
-             test_auroc=evaluation.test.auroc, seconds=round(time.perf_counter() - t_start, 1))
+    log.info(
+        "engine_built",
+        task=opts.task,
+        version=version,
+        folder=str(final),
+        test_auroc=evaluation.test.auroc,
+        seconds=round(time.perf_counter() - t_start, 1),
+    )
     return final
 
 
-def _export_backends(head: torch.nn.Module, folder: Path, rcp: pp.Recipe, opts: BuildOptions,
-                     train_x: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, norm: pp.Normalization,
-                     torch_auroc: float | None) -> tuple[list[mf.Backend], dict[str, Any]]:
+def _export_backends(
+    head: torch.nn.Module,
+    folder: Path,
+    rcp: pp.Recipe,
+    opts: BuildOptions,
+    train_x: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    norm: pp.Normalization,
+    torch_auroc: float | None,
+) -> tuple[list[mf.Backend], dict[str, Any]]:
     """ONNX fp32 + int8 (and TensorRT when asked and possible), each checked against torch."""
+
     def tensors(x: np.ndarray) -> np.ndarray:
-        return np.stack([pp.normalize(img, norm) for img in x]) if len(x) else np.zeros((0, 3, rcp.image_size, rcp.image_size), np.float32)
+        return (
+            np.stack([pp.normalize(img, norm) for img in x])
+            if len(x)
+            else np.zeros((0, 3, rcp.image_size, rcp.image_size), np.float32)
+        )
 
     test_t = tensors(test_x)
     probe = test_t[: min(16, len(test_t))]
@@ -292,19 +388,33 @@ def _export_backends(head: torch.nn.Module, folder: Path, rcp: pp.Recipe, opts: 
         diff = export.compare_with_torch(head, fp32, probe)
         p32 = export.onnx_predict(fp32, test_t)
         auc32 = metrics.roc_auc(test_y, p32)
-        backends.append(export.backend_record("onnx-fp32", fp32, folder, "fp32", max_abs_diff_vs_torch=diff,
-                                              test_auroc=auc32))
+        backends.append(
+            export.backend_record("onnx-fp32", fp32, folder, "fp32", max_abs_diff_vs_torch=diff, test_auroc=auc32)
+        )
         calib = tensors(train_x[np.random.default_rng(0).permutation(len(train_x))[:64]])
         int8 = export.quantize_int8(fp32, folder / "model.int8.onnx", calib)
         diff8 = export.compare_with_torch(head, int8, probe)
         auc8 = metrics.roc_auc(test_y, export.onnx_predict(int8, test_t))
         keep = bool(np.isfinite(auc8) and np.isfinite(auc32) and auc8 >= auc32 - INT8_TOLERANCE)
-        note = (f"kept: test AUROC {auc8:.4f} within {INT8_TOLERANCE} of fp32 {auc32:.4f}" if keep else
-                f"not kept: test AUROC {auc8:.4f} more than {INT8_TOLERANCE} below fp32 {auc32:.4f}")
-        backends.append(export.backend_record("onnx-int8", int8, folder, "int8", kept=keep,
-                                              max_abs_diff_vs_torch=diff8, test_auroc=auc8, note=note))
-        info.update({"onnx_fp32_test_auroc": auc32, "onnx_fp32_max_abs_diff": diff,
-                     "onnx_int8_test_auroc": auc8, "onnx_int8_max_abs_diff": diff8, "onnx_int8_kept": keep})
+        note = (
+            f"kept: test AUROC {auc8:.4f} within {INT8_TOLERANCE} of fp32 {auc32:.4f}"
+            if keep
+            else f"not kept: test AUROC {auc8:.4f} more than {INT8_TOLERANCE} below fp32 {auc32:.4f}"
+        )
+        backends.append(
+            export.backend_record(
+                "onnx-int8", int8, folder, "int8", kept=keep, max_abs_diff_vs_torch=diff8, test_auroc=auc8, note=note
+            )
+        )
+        info.update(
+            {
+                "onnx_fp32_test_auroc": auc32,
+                "onnx_fp32_max_abs_diff": diff,
+                "onnx_int8_test_auroc": auc8,
+                "onnx_int8_max_abs_diff": diff8,
+                "onnx_int8_kept": keep,
+            }
+        )
         log.info("onnx_exported", max_abs_diff=diff, int8_auroc=auc8, fp32_auroc=auc32, int8_kept=keep)
     trt = export.tensorrt_backend(head, folder, rcp.image_size, opts.backend, info)
     if trt is not None:

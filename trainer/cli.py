@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from screener import logs
 from screener.errors import UserError
@@ -41,28 +41,54 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--n", type=_positive_int, default=200, help="number of images (default 200)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--healthy-fraction", type=_fraction, default=0.04,
-                   help="spondylosis: share of healthy images (default 0.04, like CSXA)")
-    s.add_argument("--positive-fraction", type=_fraction, default=0.35,
-                   help="stenosis: share of images with stenosis (default 0.35, like the study)")
-    s.add_argument("--annotated-fraction", type=_fraction, default=0.5,
-                   help="stenosis: share of images with an ROI rectangle (default 0.5)")
-    s.add_argument("--task", choices=("spondylosis", "stenosis"), default="spondylosis",
-                   help="lateral views (spondylosis) or oblique views (stenosis)")
+    s.add_argument(
+        "--healthy-fraction",
+        type=_fraction,
+        default=0.04,
+        help="spondylosis: share of healthy images (default 0.04, like CSXA)",
+    )
+    s.add_argument(
+        "--positive-fraction",
+        type=_fraction,
+        default=0.35,
+        help="stenosis: share of images with stenosis (default 0.35, like the study)",
+    )
+    s.add_argument(
+        "--annotated-fraction",
+        type=_fraction,
+        default=0.5,
+        help="stenosis: share of images with an ROI rectangle (default 0.5)",
+    )
+    s.add_argument(
+        "--task",
+        choices=("spondylosis", "stenosis"),
+        default="spondylosis",
+        help="lateral views (spondylosis) or oblique views (stenosis)",
+    )
 
     b = sub.add_parser("build-engine", help="train, evaluate and compile an engine")
     b.add_argument("--task", choices=("spondylosis", "stenosis", "roi"), required=True)
-    b.add_argument("--data", type=Path, action="append", required=True,
-                   help="CSXA-style data folder (repeatable for --task roi: lateral and oblique sets)")
+    b.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        required=True,
+        help="CSXA-style data folder (repeatable for --task roi: lateral and oblique sets)",
+    )
     b.add_argument("--out", type=Path, default=Path("engines"), help="engines folder (default engines/)")
-    b.add_argument("--recipe", default="", help="preprocessing recipe (default: original for spondylosis, "
-                   "roi_he for stenosis)")
+    b.add_argument(
+        "--recipe", default="", help="preprocessing recipe (default: original for spondylosis, roi_he for stenosis)"
+    )
     b.add_argument("--image-size", type=_positive_int, default=0, help="input size (default: the recipe's)")
     b.add_argument("--epochs", type=_positive_int, default=30)
     b.add_argument("--batch-size", type=_positive_int, default=0, help="default: the study's (16 / 4)")
     b.add_argument("--roi-engine", type=Path, help="stenosis: ROI engine folder for unannotated images")
-    b.add_argument("--optimizer", choices=("adam", "sgd"), default="",
-                   help="default: the study's (adam for spondylosis, sgd for stenosis)")
+    b.add_argument(
+        "--optimizer",
+        choices=("adam", "sgd"),
+        default="",
+        help="default: the study's (adam for spondylosis, sgd for stenosis)",
+    )
     b.add_argument("--lr", type=float, default=0.0, help="learning rate (default: the study's)")
     b.add_argument("--pretrained", type=Path, help="local torchvision ResNet50 ImageNet state dict")
     b.add_argument("--checkpoint", type=Path, help="skip training: use these weights")
@@ -87,8 +113,12 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--data", type=Path, required=True)
     a.add_argument("--out", type=Path, required=True)
     a.add_argument("--task", choices=("spondylosis", "stenosis"), default="spondylosis")
-    a.add_argument("--conditions", nargs="+", default=None,
-                   help="default: the study's Table 1 (spondylosis) or Table 5 (stenosis) conditions")
+    a.add_argument(
+        "--conditions",
+        nargs="+",
+        default=None,
+        help="default: the study's Table 1 (spondylosis) or Table 5 (stenosis) conditions",
+    )
     a.add_argument("--image-size", type=_positive_int, default=0)
     a.add_argument("--epochs", type=_positive_int, default=30)
     a.add_argument("--batch-size", type=_positive_int, default=0)
@@ -105,32 +135,59 @@ def run(args: argparse.Namespace) -> int:
             if args.task == "stenosis":
                 from trainer.synth_oblique import synthesize_oblique
 
-                res = synthesize_oblique(args.out, n=args.n, seed=args.seed,
-                                         positive_fraction=args.positive_fraction,
-                                         annotated_fraction=args.annotated_fraction, progress=progress)
+                res = synthesize_oblique(
+                    args.out,
+                    n=args.n,
+                    seed=args.seed,
+                    positive_fraction=args.positive_fraction,
+                    annotated_fraction=args.annotated_fraction,
+                    progress=progress,
+                )
             else:
                 from trainer.synth import synthesize
 
-                res = synthesize(args.out, n=args.n, seed=args.seed, healthy_fraction=args.healthy_fraction,
-                                 progress=progress)
+                res = synthesize(
+                    args.out, n=args.n, seed=args.seed, healthy_fraction=args.healthy_fraction, progress=progress
+                )
         except (ValueError, FileExistsError) as exc:
             raise UserError(str(exc)) from None
         negative = "normal" if args.task == "stenosis" else "healthy"
-        print(f"wrote {res.n_images} images ({res.n_healthy} {negative}, {res.n_patients} patients, "
-              f"{res.n_rows} sheet rows) to {res.root}")
+        print(
+            f"wrote {res.n_images} images ({res.n_healthy} {negative}, {res.n_patients} patients, "
+            f"{res.n_rows} sheet rows) to {res.root}"
+        )
         return 0
     if args.command == "build-engine":
         from trainer.build import BuildOptions, build_engine
 
-        folder = build_engine(BuildOptions(
-            task=args.task, data=args.data[0], extra_data=tuple(args.data[1:]), roi_engine=args.roi_engine,
-            out=args.out, recipe=args.recipe, image_size=args.image_size,
-            epochs=args.epochs, batch_size=args.batch_size, pretrained=args.pretrained,
-            checkpoint=args.checkpoint, backend=args.backend, split_seed=args.split_seed,
-            target_sensitivity=args.target_sensitivity, augment=args.augment, balance=args.balance,
-            patience=args.patience, validated_by=args.validated_by, version=args.version, demo=args.demo,
-            optimizer=args.optimizer, lr=args.lr,
-            progress=progress, stn=args.stn))
+        folder = build_engine(
+            BuildOptions(
+                task=args.task,
+                data=args.data[0],
+                extra_data=tuple(args.data[1:]),
+                roi_engine=args.roi_engine,
+                out=args.out,
+                recipe=args.recipe,
+                image_size=args.image_size,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                pretrained=args.pretrained,
+                checkpoint=args.checkpoint,
+                backend=args.backend,
+                split_seed=args.split_seed,
+                target_sensitivity=args.target_sensitivity,
+                augment=args.augment,
+                balance=args.balance,
+                patience=args.patience,
+                validated_by=args.validated_by,
+                version=args.version,
+                demo=args.demo,
+                optimizer=args.optimizer,
+                lr=args.lr,
+                progress=progress,
+                stn=args.stn,
+            )
+        )
         print(f"engine written to {folder} (report: {folder / 'report.md'})")
         return 0
     if args.command == "evaluate":
@@ -142,11 +199,21 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "ablate":
         from trainer.ablate import AblationOptions, run_ablation
 
-        table = run_ablation(AblationOptions(
-            data=args.data, out=args.out, task=args.task,
-            conditions=tuple(args.conditions) if args.conditions else None,
-            image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
-            pretrained=args.pretrained, split_seed=args.split_seed, augment=args.augment, progress=progress))
+        table = run_ablation(
+            AblationOptions(
+                data=args.data,
+                out=args.out,
+                task=args.task,
+                conditions=tuple(args.conditions) if args.conditions else None,
+                image_size=args.image_size,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                pretrained=args.pretrained,
+                split_seed=args.split_seed,
+                augment=args.augment,
+                progress=progress,
+            )
+        )
         print(table)
         return 0
     raise AssertionError(args.command)

@@ -28,7 +28,9 @@ log = get_logger(__name__)
 
 SHEET_NAME = "datasets.xlsx"
 KEYPOINT_LABELS: tuple[str, ...] = (
-    "C2 centroid", "C2 bottom left", "C2 bottom right",
+    "C2 centroid",
+    "C2 bottom left",
+    "C2 bottom right",
     *(f"C{v} {side}" for v in range(3, 8) for side in ("top left", "top right", "bottom left", "bottom right")),
 )
 CLASS_NAMES = ("healthy", "spondylosis")  # label 0, label 1 (positive)
@@ -117,12 +119,13 @@ def read_sheet(path: Path) -> tuple[list[str], list[tuple[Any, ...]]]:
     for i, row in enumerate(rows[:10]):
         names = [_cell_text(v) for v in row]
         if any(n.lower() == "number" for n in names):
-            return names, rows[i + 1:]
+            return names, rows[i + 1 :]
     raise DataError(f"{path}: no header row with a 'Number' column in the first 10 rows (unknown layout)")
 
 
-def match_columns(names: list[str], path: Path, prefixes: dict[str, str] | None = None,
-                  layout: str = "") -> dict[str, int]:
+def match_columns(
+    names: list[str], path: Path, prefixes: dict[str, str] | None = None, layout: str = ""
+) -> dict[str, int]:
     """Column index per required field, matched by prefix (case-insensitive; first match wins)."""
     found: dict[str, int] = {}
     for key, prefix in (prefixes or REQUIRED_PREFIXES).items():
@@ -268,14 +271,19 @@ def load(root: Path, need_keypoints: bool = False) -> tuple[list[Sample], LoadRe
                 continue
             if kps is None and need_keypoints:
                 continue  # already reported
-            samples.append(Sample(img.stem, number, img, jpath, DISEASE_CODES[code], gender, age,
-                                  groups[number], kps))
+            samples.append(Sample(img.stem, number, img, jpath, DISEASE_CODES[code], gender, age, groups[number], kps))
     report_images_without_row(report, images, seen_numbers)
     report.n_samples = len(samples)
     if not samples:
         raise DataError(f"{root}: no usable images (rows: {len(table)}, skipped: {len(report.skipped)})")
-    log.info("dataset_loaded", root=str(root), samples=len(samples), rows=len(table),
-             skipped=len(report.skipped), rows_without_image=report.rows_without_image)
+    log.info(
+        "dataset_loaded",
+        root=str(root),
+        samples=len(samples),
+        rows=len(table),
+        skipped=len(report.skipped),
+        rows_without_image=report.rows_without_image,
+    )
     return samples, report
 
 

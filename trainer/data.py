@@ -5,19 +5,18 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from screener import preprocessing as pp
+from screener.engine import preprocessing as pp
 from trainer.augment import Augment, augment
 from trainer.csxa import LoadReport, Sample
-
 
 # Progress bars redraw often on a terminal, rarely when stderr goes to a file (CI logs).
 _TQDM_INTERVAL = 0.5 if sys.stderr.isatty() else 30.0
@@ -49,8 +48,14 @@ def prepare_samples(
     kept: list[Sample] = []
     arrays: list[np.ndarray] = []
     modes: Counter[str] = Counter()
-    for s in tqdm(samples, desc=f"preprocess {rcp.name}", unit="img", disable=not progress, leave=False,
-                  mininterval=_TQDM_INTERVAL):
+    for s in tqdm(
+        samples,
+        desc=f"preprocess {rcp.name}",
+        unit="img",
+        disable=not progress,
+        leave=False,
+        mininterval=_TQDM_INTERVAL,
+    ):
         try:
             gray, mode = read_gray8(s.image_path)
             box = sample_box(s)
@@ -84,8 +89,14 @@ def fingerprint(samples: Sequence[Any], root: Path) -> str:
 class PreparedDataset(Dataset):
     """Prepared uint8 images -> normalized tensors, with optional augmentation."""
 
-    def __init__(self, images: np.ndarray, labels: Sequence[int], norm: pp.Normalization,
-                 aug: Augment | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: Sequence[int],
+        norm: pp.Normalization,
+        aug: Augment | None = None,
+        seed: int = 0,
+    ) -> None:
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.norm = norm

@@ -25,23 +25,38 @@ import numpy as np
 import torch
 from torch import nn
 
+from screener.engine.manifest import Backend, sha256_file
+from screener.engine.runtime import TENSORRT_HINT, tensorrt_available
 from screener.errors import UserError
-from screener.manifest import Backend, sha256_file
-from screener.runtime import TENSORRT_HINT, tensorrt_available
 
 EXAMPLE_BATCH = 2  # >= 2 so the exporter does not specialise the batch axis to 1
 DEFAULT_CHUNK = 32
 
 __all__ = [
-    "export_onnx", "quantize_int8", "compare_with_torch", "onnx_predict", "torch_predict",
-    "tensorrt_available", "export_tensorrt", "backend_record", "is_self_contained", "QUANTIZED_OPS",
+    "export_onnx",
+    "quantize_int8",
+    "compare_with_torch",
+    "onnx_predict",
+    "torch_predict",
+    "tensorrt_available",
+    "export_tensorrt",
+    "backend_record",
+    "is_self_contained",
+    "QUANTIZED_OPS",
 ]
 
 
 # --------------------------------------------------------------------------- ONNX fp32
 
-def export_onnx(module: nn.Module, path: Path, image_size: int, input_name: str = "image",
-                output_name: str = "probability", opset: int = 18) -> Path:
+
+def export_onnx(
+    module: nn.Module,
+    path: Path,
+    image_size: int,
+    input_name: str = "image",
+    output_name: str = "probability",
+    opset: int = 18,
+) -> Path:
     """Export `module` (eval, CPU, fp32) to a single self-contained ONNX file with a dynamic batch axis.
 
     Tries the dynamo exporter first (``torch.export`` + ``dynamic_shapes``); if that fails or
@@ -80,32 +95,50 @@ def _cpu_eval_copy(module: nn.Module) -> nn.Module:
     """An eval-mode fp32 CPU copy of `module`, so the caller's device and train/eval state are untouched."""
     import copy
 
-    on_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32
-                 for t in [*module.parameters(), *module.buffers()] if t.is_floating_point())
+    on_cpu = all(
+        t.device.type == "cpu" and t.dtype == torch.float32
+        for t in [*module.parameters(), *module.buffers()]
+        if t.is_floating_point()
+    )
     if on_cpu and not module.training:
         return module
     return copy.deepcopy(module).float().cpu().eval()
 
 
-def _export_dynamo(module: nn.Module, example: torch.Tensor, file: Path, input_name: str,
-                   output_name: str, opset: int) -> None:
+def _export_dynamo(
+    module: nn.Module, example: torch.Tensor, file: Path, input_name: str, output_name: str, opset: int
+) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (example,), str(file), dynamo=True, external_data=False,
-            input_names=[input_name], output_names=[output_name], opset_version=opset,
-            dynamic_shapes=({0: batch},), optimize=True, verbose=False,
+            module,
+            (example,),
+            str(file),
+            dynamo=True,
+            external_data=False,
+            input_names=[input_name],
+            output_names=[output_name],
+            opset_version=opset,
+            dynamic_shapes=({0: batch},),
+            optimize=True,
+            verbose=False,
         )
 
 
-def _export_torchscript(module: nn.Module, example: torch.Tensor, file: Path, input_name: str,
-                        output_name: str, opset: int) -> None:
+def _export_torchscript(
+    module: nn.Module, example: torch.Tensor, file: Path, input_name: str, output_name: str, opset: int
+) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (example,), str(file), dynamo=False,
-            input_names=[input_name], output_names=[output_name], opset_version=opset,
+            module,
+            (example,),
+            str(file),
+            dynamo=False,
+            input_names=[input_name],
+            output_names=[output_name],
+            opset_version=opset,
             dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
             do_constant_folding=True,
         )
@@ -144,8 +177,9 @@ def is_self_contained(path: Path) -> bool:
 QUANTIZED_OPS = ("Conv", "Add", "MaxPool", "Relu", "Clip", "Concat")
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Iterable[np.ndarray] | np.ndarray,
-                  input_name: str = "image") -> Path:
+def quantize_int8(
+    fp32_path: Path, int8_path: Path, calibration: Iterable[np.ndarray] | np.ndarray, input_name: str = "image"
+) -> Path:
     """Static int8 quantization with ONNX Runtime, calibrated on real preprocessed images.
 
     `calibration`: float32 batches (N, 3, S, S) or one such array (split into batches of 8).
@@ -180,7 +214,9 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Iterable[np.nda
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=False)
         out = Path(tmp) / "int8.onnx"
         quantize_static(
-            str(prepped), str(out), _Reader(input_name, batches),
+            str(prepped),
+            str(out),
+            _Reader(input_name, batches),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS),
             per_channel=True,
@@ -204,7 +240,7 @@ def _calibration_batches(calibration: Iterable[np.ndarray] | np.ndarray, size: i
         if arr.ndim == 3:
             arr = arr[None]
         for i in range(0, len(arr), size):
-            yield arr[i:i + size]
+            yield arr[i : i + size]
         return
     for batch in calibration:
         arr = np.ascontiguousarray(batch, dtype=np.float32)
@@ -229,6 +265,7 @@ class _Reader:
 
 # --------------------------------------------------------------------------- parity
 
+
 def _session(onnx_path: Path, threads: int | None = None) -> Any:
     import onnxruntime as ort
 
@@ -244,7 +281,7 @@ def onnx_predict(onnx_path: Path, inputs: np.ndarray, batch_size: int = DEFAULT_
     sess = _session(onnx_path)
     name = sess.get_inputs()[0].name
     x = np.ascontiguousarray(inputs, dtype=np.float32)
-    outs = [sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    outs = [sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(outs, axis=0) if outs else np.zeros((0,), np.float32)
 
 
@@ -253,7 +290,7 @@ def torch_predict(module: nn.Module, inputs: np.ndarray, batch_size: int = DEFAU
     module = _cpu_eval_copy(module)
     x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
     with torch.inference_mode():
-        outs = [module(x[i:i + batch_size]).float().numpy() for i in range(0, len(x), batch_size)]
+        outs = [module(x[i : i + batch_size]).float().numpy() for i in range(0, len(x), batch_size)]
     return np.concatenate(outs, axis=0) if outs else np.zeros((0,), np.float32)
 
 
@@ -268,6 +305,7 @@ def compare_with_torch(module: nn.Module, onnx_path: Path, inputs: np.ndarray) -
 
 # --------------------------------------------------------------------------- TensorRT
 
+
 class _Fp16(nn.Module):
     """fp32 in, fp16 network, fp32 out: the TensorRT program's interface stays fp32."""
 
@@ -279,8 +317,9 @@ class _Fp16(nn.Module):
         return self.module(image.half()).float()
 
 
-def export_tensorrt(module: nn.Module, path: Path, image_size: int, min_batch: int = 1,
-                    opt_batch: int = 8, max_batch: int = 32) -> Path:
+def export_tensorrt(
+    module: nn.Module, path: Path, image_size: int, min_batch: int = 1, opt_batch: int = 8, max_batch: int = 32
+) -> Path:
     """Compile `module` with Torch-TensorRT (dynamo IR, fp16, dynamic batch) and save it.
 
     The saved file is a ``torch.export`` ExportedProgram (load with ``torch.export.load``
@@ -301,7 +340,9 @@ def export_tensorrt(module: nn.Module, path: Path, image_size: int, min_batch: i
     net = _Fp16(copy.deepcopy(module).eval()).eval().cuda()
     shape = (3, image_size, image_size)
     spec = torch_tensorrt.Input(
-        min_shape=(min_batch, *shape), opt_shape=(opt_batch, *shape), max_shape=(max_batch, *shape),
+        min_shape=(min_batch, *shape),
+        opt_shape=(opt_batch, *shape),
+        max_shape=(max_batch, *shape),
         dtype=torch.float32,
     )
     with torch.no_grad():
@@ -311,6 +352,7 @@ def export_tensorrt(module: nn.Module, path: Path, image_size: int, min_batch: i
 
 
 # --------------------------------------------------------------------------- manifest
+
 
 def backend_record(name: str, file: Path, folder: Path, precision: str, **kw: Any) -> Backend:
     """The manifest entry of one built file: its path relative to `folder` and its SHA-256."""
@@ -322,8 +364,9 @@ def backend_record(name: str, file: Path, folder: Path, precision: str, **kw: An
     return Backend(name=name, file=rel.as_posix(), sha256=sha256_file(file), precision=precision, **kw)
 
 
-def tensorrt_backend(module: nn.Module, folder: Path, image_size: int, requested: str,
-                     info: dict[str, Any]) -> Backend | None:
+def tensorrt_backend(
+    module: nn.Module, folder: Path, image_size: int, requested: str, info: dict[str, Any]
+) -> Backend | None:
     """The TensorRT step of an engine build (``--backend tensorrt|all``).
 
     Builds and records ``model.trt.ep`` when CUDA and torch-tensorrt are present. Otherwise

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet50
 
+from screener.engine.manifest import sha256_file
 from screener.errors import UserError
-from screener.manifest import sha256_file
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,7 @@ def load_pretrained(model: nn.Module, path: Path | None, arch: str = "ResNet50")
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch: another architecture
-        raise UserError(f"--pretrained {p}: not a torchvision {arch} state dict "
-                        f"({str(exc).splitlines()[0]})") from None
+        raise UserError(f"--pretrained {p}: not a torchvision {arch} state dict ({str(exc).splitlines()[0]})") from None
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
     if result.unexpected_keys or missing:
         raise UserError(
@@ -62,8 +61,12 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.localization = nn.Sequential(
             nn.AdaptiveAvgPool2d(64),
-            nn.Conv2d(3, 8, 7), nn.MaxPool2d(2), nn.ReLU(True),
-            nn.Conv2d(8, 10, 5), nn.MaxPool2d(2), nn.ReLU(True),
+            nn.Conv2d(3, 8, 7),
+            nn.MaxPool2d(2),
+            nn.ReLU(True),
+            nn.Conv2d(8, 10, 5),
+            nn.MaxPool2d(2),
+            nn.ReLU(True),
             nn.AdaptiveAvgPool2d(4),
         )
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(10 * 16, 32), nn.ReLU(True), nn.Linear(32, 6))

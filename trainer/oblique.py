@@ -20,20 +20,34 @@ from typing import Any
 
 from screener.errors import DataError
 from screener.logs import get_logger
-from trainer.csxa import (LoadReport, as_int, find_sheet, group_patients, index_files, read_sheet,
-                          report_images_without_row)
+from trainer.csxa import (
+    LoadReport,
+    as_int,
+    find_sheet,
+    group_patients,
+    index_files,
+    read_sheet,
+    report_images_without_row,
+)
 from trainer.csxa import match_columns as csxa_match_columns
 
 log = get_logger(__name__)
 
-REQUIRED_PREFIXES = {"number": "Number", "gender": "Gender", "age": "Age", "view": "View",
-                     "stenosis": "Stenosis"}
+REQUIRED_PREFIXES = {"number": "Number", "gender": "Gender", "age": "Age", "view": "View", "stenosis": "Stenosis"}
 CLASS_NAMES = ("normal", "stenosis")  # label 0, label 1 (positive)
 STENOSIS_CODES = {0: 0, 1: 1}  # sheet value -> label
 ROI_LABEL = "cspine"
 VIEWS = {
-    "l": "L", "left": "L", "lao": "L", "lpo": "L", "left oblique": "L",
-    "r": "R", "right": "R", "rao": "R", "rpo": "R", "right oblique": "R",
+    "l": "L",
+    "left": "L",
+    "lao": "L",
+    "lpo": "L",
+    "left oblique": "L",
+    "r": "R",
+    "right": "R",
+    "rao": "R",
+    "rpo": "R",
+    "right oblique": "R",
 }
 
 Box = tuple[float, float, float, float]
@@ -160,7 +174,7 @@ def load_oblique(root: Path) -> tuple[list[ObliqueSample], LoadReport]:
     samples: list[ObliqueSample] = []
     seen: set[int] = set()
     unannotated = 0
-    for number, gender, age, view_cell, sten_cell, r_index in table:
+    for number, gender, age, view_cell, sten_cell, _r_index in table:
         if number in seen:
             report.skip(f"{sheet.name}:Number {number}", "duplicate Number in the sheet; first row kept")
             continue
@@ -181,13 +195,24 @@ def load_oblique(root: Path) -> tuple[list[ObliqueSample], LoadReport]:
             jpath = jsons.get(img.stem)
             box = read_rectangle(jpath, report) if jpath is not None else None
             unannotated += box is None
-            samples.append(ObliqueSample(img.stem, number, img, jpath, STENOSIS_CODES[code], view, gender, age,
-                                         groups[number], box))
+            samples.append(
+                ObliqueSample(
+                    img.stem, number, img, jpath, STENOSIS_CODES[code], view, gender, age, groups[number], box
+                )
+            )
     report_images_without_row(report, images, seen)
     report.n_samples = len(samples)
     if not samples:
-        raise DataError(f"{root}: no usable images (rows: {len(table)}, skipped: {len(report.skipped)}; "
-                        f"sheet {sheet.name})")
-    log.info("oblique_dataset_loaded", root=str(root), samples=len(samples), rows=len(table),
-             unannotated=unannotated, skipped=len(report.skipped), rows_without_image=report.rows_without_image)
+        raise DataError(
+            f"{root}: no usable images (rows: {len(table)}, skipped: {len(report.skipped)}; sheet {sheet.name})"
+        )
+    log.info(
+        "oblique_dataset_loaded",
+        root=str(root),
+        samples=len(samples),
+        rows=len(table),
+        unannotated=unannotated,
+        skipped=len(report.skipped),
+        rows_without_image=report.rows_without_image,
+    )
     return samples, report

@@ -14,7 +14,7 @@ normalized box (x0, y0, x1, y1) relative to the letterboxed square the ``roi_inp
 feeds it (x0 <= x1, y0 <= y1). The spatial head learned clearly faster than global pooling +
 4 sigmoid outputs (300 synthetic images, 128 px, 12 epochs: validation mean IoU 0.77 vs 0.70).
 The input is the shared preprocessing (``prepare`` with crop ``full``, then ``normalize``);
-``screener.roi`` maps the output back to source pixels, on the trainer and on the node alike.
+``screener.engine.roi`` maps the output back to source pixels, on the trainer and on the node alike.
 
 Loss: 5 x smooth L1 (beta 0.02) on the normalized coordinates + 2 x (1 - GIoU).
 Augmentation (training only; each keeps the box exact): horizontal flip, scale
@@ -42,10 +42,11 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,12 +55,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import screener
-from screener import manifest as mf
-from screener import preprocessing as pp
+from screener.engine import manifest as mf
+from screener.engine import preprocessing as pp
+from screener.engine.roi import box_from_output, box_to_output
+from screener.engine.roi import iou as _iou
 from screener.errors import DataError, UserError
 from screener.logs import get_logger
-from screener.roi import box_from_output, box_to_output
-from screener.roi import iou as _iou
 from trainer import csxa, export
 from trainer.model import load_pretrained, pick_device
 from trainer.splits import SPLITS, SplitSpec, split_groups
@@ -68,9 +69,24 @@ from trainer.train import checkpoint_dir
 log = get_logger(__name__)
 
 __all__ = [
-    "RoiItem", "roi_items_from", "root_kind", "iou", "box_metrics", "wide_window", "RoiAugment",
-    "AUGMENT_PRESETS", "augment_roi", "BoxRegressor", "RoiTrainConfig", "RoiTrainResult", "train_roi",
-    "predict_normalized", "build_roi_engine", "INT8_TOLERANCE", "TARGET_MEAN_IOU", "TARGET_CONTAINMENT",
+    "RoiItem",
+    "roi_items_from",
+    "root_kind",
+    "iou",
+    "box_metrics",
+    "wide_window",
+    "RoiAugment",
+    "AUGMENT_PRESETS",
+    "augment_roi",
+    "BoxRegressor",
+    "RoiTrainConfig",
+    "RoiTrainResult",
+    "train_roi",
+    "predict_normalized",
+    "build_roi_engine",
+    "INT8_TOLERANCE",
+    "TARGET_MEAN_IOU",
+    "TARGET_CONTAINMENT",
 ]
 
 RECIPE_NAME = "roi_input"
@@ -91,6 +107,7 @@ def iou(a: pp.Box, b: pp.Box) -> float:
 
 # --------------------------------------------------------------------------- data
 
+
 @dataclass(frozen=True)
 class RoiItem:
     """One annotated image for the ROI engine."""
@@ -109,7 +126,7 @@ class RoiItem:
 
 
 def root_kind(root: Path) -> str:
-    """"oblique" when the data set's sheet has a ``View`` column, else "lateral" (CSXA)."""
+    """ "oblique" when the data set's sheet has a ``View`` column, else "lateral" (CSXA)."""
     sheet = csxa.find_sheet(Path(root))
     names, _ = csxa.read_sheet(sheet)
     return "oblique" if any(n.strip().lower().startswith("view") for n in names) else "lateral"
@@ -134,8 +151,9 @@ def _valid_box(box: Any) -> tuple[float, float, float, float] | None:
     return x0, y0, x1, y1
 
 
-def roi_items_from(lateral_roots: Sequence[Path], oblique_roots: Sequence[Path],
-                   spec: SplitSpec | None = None) -> tuple[list[RoiItem], dict[str, Any]]:
+def roi_items_from(
+    lateral_roots: Sequence[Path], oblique_roots: Sequence[Path], spec: SplitSpec | None = None
+) -> tuple[list[RoiItem], dict[str, Any]]:
     """Annotated images of every data set, and what was skipped.
 
     Lateral roots (CSXA layout): images with all 23 keypoints, box = their bounding box.
@@ -179,9 +197,18 @@ def roi_items_from(lateral_roots: Sequence[Path], oblique_roots: Sequence[Path],
             items.append(RoiItem(Path(s.image_path), vbox, group, view, label, str(root), split))
             kept += 1
         total_unannotated += unannotated
-        per_root.append({"root": str(root), "name": root.name, "kind": kind, "samples": len(samples),
-                         "annotated": kept, "unannotated_skipped": unannotated, "invalid_box_skipped": invalid,
-                         "load": _summary(report)})
+        per_root.append(
+            {
+                "root": str(root),
+                "name": root.name,
+                "kind": kind,
+                "samples": len(samples),
+                "annotated": kept,
+                "unannotated_skipped": unannotated,
+                "invalid_box_skipped": invalid,
+                "load": _summary(report),
+            }
+        )
         log.info("roi_data_loaded", root=str(root), kind=kind, annotated=kept, unannotated=unannotated)
     problems = {"roots": per_root, "unannotated_skipped": total_unannotated, "unreadable": []}
     return items, problems
@@ -214,8 +241,9 @@ def _fingerprint(items: Sequence[RoiItem]) -> str:
     return h.hexdigest()
 
 
-def prepare_roi_data(items: Sequence[RoiItem], rcp: pp.Recipe, problems: dict[str, Any] | None = None,
-                     progress: bool = False) -> RoiData:
+def prepare_roi_data(
+    items: Sequence[RoiItem], rcp: pp.Recipe, problems: dict[str, Any] | None = None, progress: bool = False
+) -> RoiData:
     """Read and prepare every image once (shared preprocessing); unreadable ones are skipped and listed."""
     from trainer.data import read_gray8
 
@@ -224,8 +252,9 @@ def prepare_roi_data(items: Sequence[RoiItem], rcp: pp.Recipe, problems: dict[st
     kept: list[RoiItem] = []
     images, shapes, targets = [], [], []
     bad = problems.setdefault("unreadable", []) if problems is not None else []
-    for it in tqdm(items, desc="preprocess roi_input", unit="img", disable=not progress, leave=False,
-                   mininterval=_TQDM_INTERVAL):
+    for it in tqdm(
+        items, desc="preprocess roi_input", unit="img", disable=not progress, leave=False, mininterval=_TQDM_INTERVAL
+    ):
         try:
             gray, _mode = read_gray8(it.image_path)
             img = pp.prepare(gray, rcp, None)
@@ -281,6 +310,7 @@ def tensors(images: np.ndarray, norm: pp.Normalization) -> np.ndarray:
 
 # --------------------------------------------------------------------------- metrics
 
+
 def wide_window(box: pp.Box, shape: tuple[int, int] | None = None) -> tuple[float, float, float, float]:
     """The ``wide_crop`` window of a box before the square step: grown by the recipe's margins
     (200 px above and below, 100 px left and right) and, given the image `shape`, clipped to it."""
@@ -303,8 +333,11 @@ def _contains(outer: Sequence[float], inner: Sequence[float], shape: tuple[int, 
     return ox0 <= ix0 + eps and oy0 <= iy0 + eps and ox1 >= ix1 - eps and oy1 >= iy1 - eps
 
 
-def box_metrics(pred_boxes: Sequence[pp.Box] | np.ndarray, true_boxes: Sequence[pp.Box] | np.ndarray,
-                shapes: Sequence[tuple[int, int]] | np.ndarray | None = None) -> dict[str, Any]:
+def box_metrics(
+    pred_boxes: Sequence[pp.Box] | np.ndarray,
+    true_boxes: Sequence[pp.Box] | np.ndarray,
+    shapes: Sequence[tuple[int, int]] | np.ndarray | None = None,
+) -> dict[str, Any]:
     """Box quality over a set of images (boxes in source pixels).
 
     ``mean_iou``, ``median_iou``, ``share_iou_ge_0_7``; ``wide_crop_containment``: the share
@@ -322,8 +355,14 @@ def box_metrics(pred_boxes: Sequence[pp.Box] | np.ndarray, true_boxes: Sequence[
         raise ValueError(f"{len(shp)} image shapes for {len(true)} boxes")
     n = len(true)
     if n == 0:
-        return {"mean_iou": None, "median_iou": None, "share_iou_ge_0_7": None,
-                "wide_crop_containment": None, "mean_edge_error_px": None, "n": 0}
+        return {
+            "mean_iou": None,
+            "median_iou": None,
+            "share_iou_ge_0_7": None,
+            "wide_crop_containment": None,
+            "mean_edge_error_px": None,
+            "n": 0,
+        }
     ious = np.array([iou(p, t) for p, t in zip(pred, true)], dtype=np.float64)
     contained = np.array([_contains(wide_window(p, s), t, s) for p, t, s in zip(pred, true, shp)])
     edge = np.abs(np.asarray(pred, np.float64) - np.asarray(true, np.float64)).mean(axis=1)
@@ -341,8 +380,9 @@ def per_image_iou(pred_boxes: Sequence[pp.Box], true_boxes: Sequence[pp.Box]) ->
     return np.array([iou(p, t) for p, t in zip(pred_boxes, true_boxes)], dtype=np.float64)
 
 
-def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                      alpha: float = 0.05) -> tuple[float, float] | None:
+def bootstrap_mean_ci(
+    values: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float] | None:
     """Percentile bootstrap CI of the mean (images resampled with replacement)."""
     v = np.asarray(values, dtype=np.float64)
     if len(v) < 2 or n_boot < 1:
@@ -353,6 +393,7 @@ def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0,
 
 
 # --------------------------------------------------------------------------- augmentation
+
 
 @dataclass(frozen=True)
 class RoiAugment:
@@ -376,8 +417,9 @@ AUGMENT_PRESETS: dict[str, RoiAugment] = {
 }
 
 
-def augment_roi(img: np.ndarray, box: np.ndarray, rng: np.random.Generator,
-                cfg: RoiAugment) -> tuple[np.ndarray, np.ndarray]:
+def augment_roi(
+    img: np.ndarray, box: np.ndarray, rng: np.random.Generator, cfg: RoiAugment
+) -> tuple[np.ndarray, np.ndarray]:
     """Augment a uint8 (S, S) gray square and its normalized box (x0, y0, x1, y1) together."""
     import cv2
 
@@ -399,8 +441,14 @@ def augment_roi(img: np.ndarray, box: np.ndarray, rng: np.random.Generator,
             t[axis] = min(max(want, t_lo), t_hi) if t_lo <= t_hi else centre
         # cv2 puts pixel centres on integers; the box uses pixel edges: shift by 0.5 (1 - s)
         m = np.array([[s, 0.0, t[0] * size - 0.5 * (1 - s)], [0.0, s, t[1] * size - 0.5 * (1 - s)]])
-        out = cv2.warpAffine(np.ascontiguousarray(out), m, (size, size), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        out = cv2.warpAffine(
+            np.ascontiguousarray(out),
+            m,
+            (size, size),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
         b = np.array([s * b[0] + t[0], s * b[1] + t[1], s * b[2] + t[0], s * b[3] + t[1]])
     g_lo, g_hi = cfg.gain
     y_lo, y_hi = cfg.gamma
@@ -415,8 +463,14 @@ def augment_roi(img: np.ndarray, box: np.ndarray, rng: np.random.Generator,
 class RoiDataset(Dataset):
     """Stored gray squares -> (normalized tensor, normalized box), with optional augmentation."""
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, norm: pp.Normalization,
-                 aug: RoiAugment | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        targets: np.ndarray,
+        norm: pp.Normalization,
+        aug: RoiAugment | None = None,
+        seed: int = 0,
+    ) -> None:
         self.images = images
         self.targets = np.asarray(targets, dtype=np.float32)
         self.norm = norm
@@ -436,6 +490,7 @@ class RoiDataset(Dataset):
 
 # --------------------------------------------------------------------------- model
 
+
 class BoxRegressor(nn.Module):
     """ResNet18 -> normalized box (x0, y0, x1, y1) relative to the letterboxed input, shape (N, 4).
 
@@ -453,8 +508,9 @@ class BoxRegressor(nn.Module):
         self.backbone.fc = nn.Identity()  # unused: the head reads layer3 and layer4
         self.lateral = nn.Conv2d(256, 128, 1)
         self.top = nn.ConvTranspose2d(512, 128, 2, stride=2)
-        self.edges = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
-                                   nn.Conv2d(128, 4, 1))
+        self.edges = nn.Sequential(
+            nn.Conv2d(128, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(inplace=True), nn.Conv2d(128, 4, 1)
+        )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         b = self.backbone
@@ -466,10 +522,16 @@ class BoxRegressor(nn.Module):
         f = self.lateral(c3) + self.top(c4)
         logits = self.edges(f)  # (N, 4, H, W): left, right, top, bottom
         h, w = logits.shape[-2:]
-        gx = torch.linspace(0.0, 1.0, w, device=logits.device, dtype=logits.dtype) if w > 1 else \
-            torch.full((1,), 0.5, device=logits.device, dtype=logits.dtype)
-        gy = torch.linspace(0.0, 1.0, h, device=logits.device, dtype=logits.dtype) if h > 1 else \
-            torch.full((1,), 0.5, device=logits.device, dtype=logits.dtype)
+        gx = (
+            torch.linspace(0.0, 1.0, w, device=logits.device, dtype=logits.dtype)
+            if w > 1
+            else torch.full((1,), 0.5, device=logits.device, dtype=logits.dtype)
+        )
+        gy = (
+            torch.linspace(0.0, 1.0, h, device=logits.device, dtype=logits.dtype)
+            if h > 1
+            else torch.full((1,), 0.5, device=logits.device, dtype=logits.dtype)
+        )
         # per edge a softmax over the whole map, then its marginal along the edge's axis
         # (no ReduceLogSumExp: the int8 quantizer's shape inference does not know it)
         p = torch.softmax(logits.reshape(-1, 4, h * w), dim=-1).reshape(-1, 4, h, w)
@@ -504,6 +566,7 @@ def _giou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- training
 
+
 @dataclass(frozen=True)
 class RoiTrainConfig:
     epochs: int = 30
@@ -532,14 +595,26 @@ class RoiTrainResult:
 
 
 @torch.no_grad()
-def predict_normalized(model: nn.Module, images: np.ndarray, norm: pp.Normalization, device: torch.device,
-                       batch_size: int = 32, progress: bool = False) -> np.ndarray:
+def predict_normalized(
+    model: nn.Module,
+    images: np.ndarray,
+    norm: pp.Normalization,
+    device: torch.device,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> np.ndarray:
     """Normalized boxes (N, 4) for stored gray squares (no augmentation)."""
     model.eval()
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch", disable=not progress,
-                  leave=False, mininterval=_TQDM_INTERVAL):
-        x = torch.from_numpy(tensors(images[i:i + batch_size], norm)).to(device)
+    for i in tqdm(
+        range(0, len(images), batch_size),
+        desc="predict",
+        unit="batch",
+        disable=not progress,
+        leave=False,
+        mininterval=_TQDM_INTERVAL,
+    ):
+        x = torch.from_numpy(tensors(images[i : i + batch_size], norm)).to(device)
         out.append(model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 4), np.float32)
 
@@ -548,9 +623,19 @@ def to_source(outputs: np.ndarray, shapes: np.ndarray, rcp: pp.Recipe) -> list[p
     return [box_from_output(o, tuple(s), rcp) for o, s in zip(outputs, shapes)]
 
 
-def train_roi(model: BoxRegressor, train_ds: RoiDataset, val_images: np.ndarray, val_shapes: np.ndarray,
-              val_boxes: np.ndarray, rcp: pp.Recipe, cfg: RoiTrainConfig, work_dir: Path, device: torch.device,
-              resume: bool = True, progress: bool = True) -> RoiTrainResult:
+def train_roi(
+    model: BoxRegressor,
+    train_ds: RoiDataset,
+    val_images: np.ndarray,
+    val_shapes: np.ndarray,
+    val_boxes: np.ndarray,
+    rcp: pp.Recipe,
+    cfg: RoiTrainConfig,
+    work_dir: Path,
+    device: torch.device,
+    resume: bool = True,
+    progress: bool = True,
+) -> RoiTrainResult:
     """Train with early stopping on validation mean IoU (in source pixels).
 
     ``work_dir/last.pt`` holds everything needed to resume; ``best.pt`` the best weights."""
@@ -558,8 +643,9 @@ def train_roi(model: BoxRegressor, train_ds: RoiDataset, val_images: np.ndarray,
     torch.manual_seed(cfg.seed)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs),
-                                                       eta_min=cfg.lr * cfg.min_lr_fraction)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=max(1, cfg.epochs), eta_min=cfg.lr * cfg.min_lr_fraction
+    )
     start_epoch, best, best_epoch, history, bad_epochs = 0, -math.inf, -1, [], 0
     last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
     if resume and last_path.is_file():
@@ -582,19 +668,33 @@ def train_roi(model: BoxRegressor, train_ds: RoiDataset, val_images: np.ndarray,
         model.train()
         train_ds.epoch = epoch
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen, num_workers=0,
-                            drop_last=len(train_ds) > cfg.batch_size)
-        total = total_iou = 0.0
+        loader = DataLoader(
+            train_ds,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            generator=gen,
+            num_workers=0,
+            drop_last=len(train_ds) > cfg.batch_size,
+        )
+        total = 0.0
         n = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress,
-                   leave=False, mininterval=_TQDM_INTERVAL)
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+            mininterval=_TQDM_INTERVAL,
+        )
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
             pred = model(x)
             giou = _giou(pred, y)
-            loss = (cfg.l1_weight * nn.functional.smooth_l1_loss(pred, y, beta=cfg.l1_beta)
-                    + cfg.giou_weight * (1.0 - giou).mean())
+            loss = (
+                cfg.l1_weight * nn.functional.smooth_l1_loss(pred, y, beta=cfg.l1_beta)
+                + cfg.giou_weight * (1.0 - giou).mean()
+            )
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(y)
@@ -604,10 +704,14 @@ def train_roi(model: BoxRegressor, train_ds: RoiDataset, val_images: np.ndarray,
         val_pred = to_source(predict_normalized(model, val_images, train_ds.norm, device), val_shapes, rcp)
         val = box_metrics(val_pred, val_boxes, val_shapes)
         val_iou = float(val["mean_iou"]) if val["mean_iou"] is not None else 0.0
-        row = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "val_mean_iou": val_iou,
-               "val_share_iou_ge_0_7": val["share_iou_ge_0_7"] or 0.0,
-               "val_wide_crop_containment": val["wide_crop_containment"] or 0.0,
-               "lr": opt.param_groups[0]["lr"]}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(n, 1),
+            "val_mean_iou": val_iou,
+            "val_share_iou_ge_0_7": val["share_iou_ge_0_7"] or 0.0,
+            "val_wide_crop_containment": val["wide_crop_containment"] or 0.0,
+            "lr": opt.param_groups[0]["lr"],
+        }
         history.append(row)
         improved = val_iou > best
         if improved:
@@ -615,24 +719,53 @@ def train_roi(model: BoxRegressor, train_ds: RoiDataset, val_images: np.ndarray,
             torch.save(model.state_dict(), best_path)
         else:
             bad_epochs += 1
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "epoch": epoch, "best": best, "best_epoch": best_epoch, "history": history,
-                    "bad_epochs": bad_epochs, "config": cfg.to_dict()}, last_path)
-        msg = (f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, val mean IoU {val_iou:.4f}, "
-               f"IoU>=0.7 {row['val_share_iou_ge_0_7']:.3f}")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "best_epoch": best_epoch,
+                "history": history,
+                "bad_epochs": bad_epochs,
+                "config": cfg.to_dict(),
+            },
+            last_path,
+        )
+        msg = (
+            f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, val mean IoU {val_iou:.4f}, "
+            f"IoU>=0.7 {row['val_share_iou_ge_0_7']:.3f}"
+        )
         if progress:
             tqdm.write(msg + (" (best)" if improved else ""))
         log.info("epoch_done", **row, best=improved)
     if best_path.is_file():
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
-    return RoiTrainResult(best_epoch, float(best if best > -math.inf else float("nan")), len(history), stopped,
-                          history, time.perf_counter() - t0, str(device))
+    return RoiTrainResult(
+        best_epoch,
+        float(best if best > -math.inf else float("nan")),
+        len(history),
+        stopped,
+        history,
+        time.perf_counter() - t0,
+        str(device),
+    )
 
 
 # --------------------------------------------------------------------------- report
 
-def _examples_figure(path: Path, images: np.ndarray, shapes: np.ndarray, true: np.ndarray,
-                     pred: Sequence[pp.Box], ious: np.ndarray, rcp: pp.Recipe, k: int = 8) -> Path | None:
+
+def _examples_figure(
+    path: Path,
+    images: np.ndarray,
+    shapes: np.ndarray,
+    true: np.ndarray,
+    pred: Sequence[pp.Box],
+    ious: np.ndarray,
+    rcp: pp.Recipe,
+    k: int = 8,
+) -> Path | None:
     """Test images (letterboxed, as the model sees them) with the annotated box (green), the
     predicted box (red) and the wide_crop window of the predicted box (dashed orange): the
     lowest-IoU images first, then evenly spaced ones."""
@@ -640,27 +773,33 @@ def _examples_figure(path: Path, images: np.ndarray, shapes: np.ndarray, true: n
         return None
     from matplotlib.patches import Rectangle
 
-    from trainer.report import Figure, _save
+    from screener.engine.report import _figure, _save
 
     order = np.argsort(ious)
     worst = [int(i) for i in order[: min(k // 2, len(order))]]
-    others = order[len(worst):]
+    others = order[len(worst) :]
     n_rest = min(k - len(worst), len(others))
     rest = [int(others[j]) for j in np.linspace(0, len(others) - 1, num=n_rest).astype(int)] if n_rest else []
     chosen = worst + rest
     cols = min(4, len(chosen))
     rows = int(math.ceil(len(chosen) / cols))
-    fig = Figure(figsize=(3.0 * cols, 3.2 * rows))
+    fig = _figure((3.0 * cols, 3.2 * rows))
     size = images.shape[1]
     for j, i in enumerate(chosen):
         ax = fig.add_subplot(rows, cols, j + 1)
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
         shape = tuple(int(v) for v in shapes[i])
-        for box, colour, style in ((true[i], "lime", "-"), (pred[i], "red", "-"),
-                                   (wide_window(pred[i], shape), "orange", "--")):
+        for box, colour, style in (
+            (true[i], "lime", "-"),
+            (pred[i], "red", "-"),
+            (wide_window(pred[i], shape), "orange", "--"),
+        ):
             u = np.asarray(box_to_output(box, shape, rcp)) * size
-            ax.add_patch(Rectangle((u[0], u[1]), u[2] - u[0], u[3] - u[1], fill=False, edgecolor=colour,
-                                   linestyle=style, linewidth=1.2))
+            ax.add_patch(
+                Rectangle(
+                    (u[0], u[1]), u[2] - u[0], u[3] - u[1], fill=False, edgecolor=colour, linestyle=style, linewidth=1.2
+                )
+            )
         ax.set_title(f"IoU {ious[i]:.2f}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -671,9 +810,9 @@ def _examples_figure(path: Path, images: np.ndarray, shapes: np.ndarray, true: n
 def _iou_histogram(path: Path, ious: np.ndarray) -> Path | None:
     if len(ious) == 0:
         return None
-    from trainer.report import Figure, _save
+    from screener.engine.report import _figure, _save
 
-    fig = Figure(figsize=(5, 3))
+    fig = _figure((5, 3))
     ax = fig.add_subplot(1, 1, 1)
     ax.hist(ious, bins=np.linspace(0, 1, 41), color="steelblue")
     ax.axvline(IOU_GOOD, color="red", linestyle="--", linewidth=1)
@@ -690,43 +829,64 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def write_roi_report(folder: Path, title: str, test: dict[str, Any], validation: dict[str, Any],
-                     by_view: dict[str, dict[str, Any]], checks: dict[str, Any], extra: dict[str, Any],
-                     figures: dict[str, Path | None]) -> dict[str, Path]:
+def write_roi_report(
+    folder: Path,
+    title: str,
+    test: dict[str, Any],
+    validation: dict[str, Any],
+    by_view: dict[str, dict[str, Any]],
+    checks: dict[str, Any],
+    extra: dict[str, Any],
+    figures: dict[str, Path | None],
+) -> dict[str, Path]:
     """``report.json`` and ``report.md`` (figures already drawn, linked when present)."""
-    from trainer.report import format_table, to_jsonable
+    from screener.engine.report import format_table, to_jsonable
 
     folder.mkdir(parents=True, exist_ok=True)
-    payload = to_jsonable({"test": test, "validation": validation, "test_by_view": by_view, "checks": checks,
-                           "extra": extra})
+    payload = to_jsonable(
+        {"test": test, "validation": validation, "test_by_view": by_view, "checks": checks, "extra": extra}
+    )
     json_path = folder / "report.json"
     json_path.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    cols = ["split", "n", "mean_iou", "median_iou", "share_iou_ge_0_7", "wide_crop_containment",
-            "mean_edge_error_px"]
+    cols = ["split", "n", "mean_iou", "median_iou", "share_iou_ge_0_7", "wide_crop_containment", "mean_edge_error_px"]
     rows = [{"split": "test", **test}, {"split": "validation", **validation}]
     rows += [{"split": f"test, {view}", **m} for view, m in by_view.items()]
     ci = test.get("mean_iou_ci")
     lines = [
-        f"# {title}", "",
+        f"# {title}",
+        "",
         "The ROI engine finds the cervical spine: one box per image, in source pixels. Annotated boxes are the "
         "bounding box of the 23 CSXA keypoints (lateral views) or the `cspine` LabelMe rectangle (oblique views). "
-        "Split by patient; all numbers are on images the model never saw in training.", "",
-        "## Test metrics", "",
-        format_table(rows, cols, headers={"share_iou_ge_0_7": "IoU >= 0.7", "mean_iou": "mean IoU",
-                                          "median_iou": "median IoU", "wide_crop_containment":
-                                          "wide_crop contains annotated box", "mean_edge_error_px":
-                                          "mean edge error (px)"}),
+        "Split by patient; all numbers are on images the model never saw in training.",
+        "",
+        "## Test metrics",
+        "",
+        format_table(
+            rows,
+            cols,
+            headers={
+                "share_iou_ge_0_7": "IoU >= 0.7",
+                "mean_iou": "mean IoU",
+                "median_iou": "median IoU",
+                "wide_crop_containment": "wide_crop contains annotated box",
+                "mean_edge_error_px": "mean edge error (px)",
+            },
+        ),
         "",
         f"- Test mean IoU {_fmt(test.get('mean_iou'))}"
         + (f" (95% bootstrap CI {_fmt(ci[0])} to {_fmt(ci[1])})" if ci else ""),
         "- `wide_crop containment`: share of images whose wide_crop window of the predicted box (grown by "
         f"{_WIDE_NOSQUARE.wide_margin_y} px above and below, {_WIDE_NOSQUARE.wide_margin_x} px left and right, "
-        "clipped to the image, before the square step) contains the whole annotated box.", "",
-        "## Acceptance checks", "",
+        "clipped to the image, before the square step) contains the whole annotated box.",
+        "",
+        "## Acceptance checks",
+        "",
     ]
     for name, c in checks.items():
-        lines.append(f"- {name}: {_fmt(c.get('value'))} (target {c.get('target')}): "
-                     f"**{'pass' if c.get('passed') else 'FAIL'}**" + (f"; {c['note']}" if c.get("note") else ""))
+        lines.append(
+            f"- {name}: {_fmt(c.get('value'))} (target {c.get('target')}): "
+            f"**{'pass' if c.get('passed') else 'FAIL'}**" + (f"; {c['note']}" if c.get("note") else "")
+        )
     lines.append("")
     shown = {k: v for k, v in figures.items() if v is not None}
     if shown:
@@ -738,6 +898,7 @@ def write_roi_report(folder: Path, title: str, test: dict[str, Any], validation:
 
 
 # --------------------------------------------------------------------------- build
+
 
 def _roots(opts: Any) -> tuple[list[Path], list[Path], list[dict[str, str]]]:
     roots: list[Path] = []
@@ -781,8 +942,10 @@ def _by_view(data: RoiData, idx: np.ndarray, pred: Sequence[pp.Box]) -> dict[str
         groups.setdefault("lateral" if it.view == "lateral" else f"oblique {it.view}", []).append(j)
     if len(groups) < 2:
         return {}
-    return {name: box_metrics([pred[j] for j in js], data.boxes[idx[js]], data.shapes[idx[js]])
-            for name, js in sorted(groups.items())}
+    return {
+        name: box_metrics([pred[j] for j in js], data.boxes[idx[js]], data.shapes[idx[js]])
+        for name, js in sorted(groups.items())
+    }
 
 
 def build_roi_engine(opts: Any) -> Path:
@@ -812,8 +975,9 @@ def build_roi_engine(opts: Any) -> Path:
     except ValueError as exc:
         raise UserError(f"--recipe: {exc}") from None
     if rcp.crop != "full" or rcp.colour != "gray":
-        raise UserError(f"--recipe {recipe_name}: the ROI engine takes the whole image (crop 'full', gray); "
-                        f"use {RECIPE_NAME}")
+        raise UserError(
+            f"--recipe {recipe_name}: the ROI engine takes the whole image (crop 'full', gray); use {RECIPE_NAME}"
+        )
     if rcp.image_size % 32:
         raise UserError(f"--image-size {rcp.image_size}: the ROI engine needs a multiple of 32 (e.g. 128, 256)")
     t_start = time.perf_counter()
@@ -830,24 +994,34 @@ def build_roi_engine(opts: Any) -> Path:
     counts = _split_counts(data)
     for s in SPLITS:
         if counts[s]["n"] == 0:
-            raise UserError(f"the {s} split has no annotated image ({len(data.items)} in all); "
-                            "the data set is too small to train and evaluate honestly")
+            raise UserError(
+                f"the {s} split has no annotated image ({len(data.items)} in all); "
+                "the data set is too small to train and evaluate honestly"
+            )
     tr, va, te = data.index("train"), data.index("validation"), data.index("test")
 
     model = BoxRegressor()
     pre_info = load_pretrained_resnet18(model, getattr(opts, "pretrained", None))
     norm = pp.IMAGENET if getattr(opts, "pretrained", None) else gray_normalization(data.images[tr])
-    cfg = RoiTrainConfig(epochs=opts.epochs, batch_size=getattr(opts, "batch_size", 0) or DEFAULT_BATCH,
-                         patience=opts.patience, seed=opts.split_seed % 10_000)
+    cfg = RoiTrainConfig(
+        epochs=opts.epochs,
+        batch_size=getattr(opts, "batch_size", 0) or DEFAULT_BATCH,
+        patience=opts.patience,
+        seed=opts.split_seed % 10_000,
+    )
     aug = AUGMENT_PRESETS[opts.augment]
     device = pick_device()
     training: dict[str, Any] = {
-        "config": cfg.to_dict(), "augment": opts.augment, "augment_params": aug.to_dict(), "device": str(device),
-        "pretrained": pre_info, "loss": f"{cfg.l1_weight} x smooth L1 (beta {cfg.l1_beta}) + "
-                                         f"{cfg.giou_weight} x (1 - GIoU)",
-        "optimizer": "adam, cosine schedule", "architecture":
-            "torchvision resnet18 + integral-regression head (layer4 upsampled onto layer3, one softmax map "
-            "per box edge) -> box (x0, y0, x1, y1) normalized to the letterboxed input",
+        "config": cfg.to_dict(),
+        "augment": opts.augment,
+        "augment_params": aug.to_dict(),
+        "device": str(device),
+        "pretrained": pre_info,
+        "loss": f"{cfg.l1_weight} x smooth L1 (beta {cfg.l1_beta}) + {cfg.giou_weight} x (1 - GIoU)",
+        "optimizer": "adam, cosine schedule",
+        "architecture": "torchvision resnet18 + integral-regression head "
+        "(layer4 upsampled onto layer3, one softmax map "
+        "per box edge) -> box (x0, y0, x1, y1) normalized to the letterboxed input",
     }
     checkpoint = getattr(opts, "checkpoint", None)
     if checkpoint:
@@ -858,18 +1032,26 @@ def build_roi_engine(opts: Any) -> Path:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"--checkpoint {checkpoint}: not a checkpoint of the ROI model "
-                            f"({exc.__class__.__name__})") from None
+            raise UserError(
+                f"--checkpoint {checkpoint}: not a checkpoint of the ROI model ({exc.__class__.__name__})"
+            ) from None
         training["checkpoint"] = {"file": checkpoint.name, "sha256": mf.sha256_file(checkpoint)}
         model.to(device)
     else:
-        meta = {"fingerprint": data.fingerprint, "recipe": rcp.to_dict(), "train": cfg.to_dict(),
-                "augment": aug.to_dict(), "pretrained": str(getattr(opts, "pretrained", None) or ""),
-                "split_seed": opts.split_seed, "normalization": norm.to_dict()}
+        meta = {
+            "fingerprint": data.fingerprint,
+            "recipe": rcp.to_dict(),
+            "train": cfg.to_dict(),
+            "augment": aug.to_dict(),
+            "pretrained": str(getattr(opts, "pretrained", None) or ""),
+            "split_seed": opts.split_seed,
+            "normalization": norm.to_dict(),
+        }
         work = _work_dir(Path(opts.out), meta)
         train_ds = RoiDataset(data.images[tr], data.targets[tr], norm, aug, seed=cfg.seed)
-        result = train_roi(model, train_ds, data.images[va], data.shapes[va], data.boxes[va], rcp, cfg, work,
-                           device, progress=progress)
+        result = train_roi(
+            model, train_ds, data.images[va], data.shapes[va], data.boxes[va], rcp, cfg, work, device, progress=progress
+        )
         training["result"] = dataclasses.asdict(result)
 
     out_val = predict_normalized(model, data.images[va], norm, device)
@@ -888,38 +1070,65 @@ def build_roi_engine(opts: Any) -> Path:
         shutil.rmtree(building)
     building.mkdir(parents=True)
     model = model.to("cpu").eval()
-    backends, backend_metrics = _export_backends(model, building, rcp, opts, data, tr, te, norm,
-                                                 test_m["mean_iou"])
-    created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    backends, backend_metrics = _export_backends(model, building, rcp, opts, data, tr, te, norm, test_m["mean_iou"])
+    created = datetime.now(UTC).replace(microsecond=0).isoformat()
     version = getattr(opts, "version", "") or f"{created[:10].replace('-', '.')}+{data.fingerprint[:8]}"
     n_total = len(data.items)
     checks = {
-        "mean IoU": {"value": test_m["mean_iou"], "target": f">= {TARGET_MEAN_IOU}",
-                     "passed": bool(test_m["mean_iou"] is not None and test_m["mean_iou"] >= TARGET_MEAN_IOU),
-                     "note": "" if n_total >= 2000 else f"the target is set for synthetic sets of >= 2,000 images; "
-                                                        f"this set has {n_total}"},
-        "wide_crop containment": {"value": test_m["wide_crop_containment"], "target": f">= {TARGET_CONTAINMENT}",
-                                  "passed": bool(test_m["wide_crop_containment"] is not None
-                                                 and test_m["wide_crop_containment"] >= TARGET_CONTAINMENT)},
+        "mean IoU": {
+            "value": test_m["mean_iou"],
+            "target": f">= {TARGET_MEAN_IOU}",
+            "passed": bool(test_m["mean_iou"] is not None and test_m["mean_iou"] >= TARGET_MEAN_IOU),
+            "note": ""
+            if n_total >= 2000
+            else f"the target is set for synthetic sets of >= 2,000 images; this set has {n_total}",
+        },
+        "wide_crop containment": {
+            "value": test_m["wide_crop_containment"],
+            "target": f">= {TARGET_CONTAINMENT}",
+            "passed": bool(
+                test_m["wide_crop_containment"] is not None and test_m["wide_crop_containment"] >= TARGET_CONTAINMENT
+            ),
+        },
     }
     data_info = {
-        "fingerprint": data.fingerprint, "root_name": Path(opts.data).name, "roots": described,
-        "n_images": n_total, "splits": counts, "split_seed": opts.split_seed,
+        "fingerprint": data.fingerprint,
+        "root_name": Path(opts.data).name,
+        "roots": described,
+        "n_images": n_total,
+        "splits": counts,
+        "split_seed": opts.split_seed,
         "split_method": "per data set: grouped by patient (consecutive sheet rows with equal gender and age), "
-                        "stratified by the data set's class label, over the samples its loader returns; "
-                        "unannotated oblique images are then dropped",
+        "stratified by the data set's class label, over the samples its loader returns; "
+        "unannotated oblique images are then dropped",
         "problems": problems,
     }
-    extra = {"task": "roi", "engine_version": version, "recipe": rcp.to_dict(), "data": data_info,
-             "backends": backend_metrics, "training": training, "validated": bool(getattr(opts, "validated_by", "")),
-             "demo": bool(getattr(opts, "demo", False))}
+    extra = {
+        "task": "roi",
+        "engine_version": version,
+        "recipe": rcp.to_dict(),
+        "data": data_info,
+        "backends": backend_metrics,
+        "training": training,
+        "validated": bool(getattr(opts, "validated_by", "")),
+        "demo": bool(getattr(opts, "demo", False)),
+    }
     figures = {
-        "examples": _examples_figure(building / "roi_examples.png", data.images[te], data.shapes[te],
-                                     data.boxes[te], pred_test, test_ious, rcp),
+        "examples": _examples_figure(
+            building / "roi_examples.png", data.images[te], data.shapes[te], data.boxes[te], pred_test, test_ious, rcp
+        ),
         "iou_histogram": _iou_histogram(building / "iou_histogram.png", test_ious),
     }
-    write_roi_report(building, f"roi engine {version}: evaluation on the held-out test split", test_m, val_m,
-                     by_view, checks, extra, figures)
+    write_roi_report(
+        building,
+        f"roi engine {version}: evaluation on the held-out test split",
+        test_m,
+        val_m,
+        by_view,
+        checks,
+        extra,
+        figures,
+    )
     notes = []
     if pre_info["source"] == "random-init":
         notes.append("trained from random initialisation (no --pretrained weights)")
@@ -928,27 +1137,61 @@ def build_roi_engine(opts: Any) -> Path:
     for name, c in checks.items():
         if not c["passed"]:
             notes.append(f"{name} {_fmt(c['value'])} misses the target {c['target']}")
-    from trainer.report import to_jsonable
+    from screener.engine.report import to_jsonable
 
     manifest = mf.Manifest(
-        task="roi", version=version, created=created, kind="roi", input_size=rcp.image_size,
-        input_name="image", output_name="box", preprocessing=rcp, normalization=norm,
-        class_names=list(CLASS_NAMES), threshold=None,
-        metrics=to_jsonable({"test": test_m, "validation": val_m, "test_by_view": by_view, "checks": checks,
-                             "backends": backend_metrics}),
-        data=to_jsonable(data_info), training=to_jsonable(training), backends=backends,
-        validated=bool(getattr(opts, "validated_by", "")), validated_by=getattr(opts, "validated_by", ""),
-        demo=bool(getattr(opts, "demo", False)), software_version=screener.__version__, notes=notes,
+        task="roi",
+        version=version,
+        created=created,
+        kind="roi",
+        input_size=rcp.image_size,
+        input_name="image",
+        output_name="box",
+        preprocessing=rcp,
+        normalization=norm,
+        class_names=list(CLASS_NAMES),
+        threshold=None,
+        metrics=to_jsonable(
+            {
+                "test": test_m,
+                "validation": val_m,
+                "test_by_view": by_view,
+                "checks": checks,
+                "backends": backend_metrics,
+            }
+        ),
+        data=to_jsonable(data_info),
+        training=to_jsonable(training),
+        backends=backends,
+        validated=bool(getattr(opts, "validated_by", "")),
+        validated_by=getattr(opts, "validated_by", ""),
+        demo=bool(getattr(opts, "demo", False)),
+        software_version=screener.__version__,
+        notes=notes,
     )
     final = mf.install(manifest, building, out_dir)
-    log.info("engine_built", task="roi", version=version, folder=str(final), test_mean_iou=test_m["mean_iou"],
-             seconds=round(time.perf_counter() - t_start, 1))
+    log.info(
+        "engine_built",
+        task="roi",
+        version=version,
+        folder=str(final),
+        test_mean_iou=test_m["mean_iou"],
+        seconds=round(time.perf_counter() - t_start, 1),
+    )
     return final
 
 
-def _export_backends(model: BoxRegressor, folder: Path, rcp: pp.Recipe, opts: Any, data: RoiData,
-                     tr: np.ndarray, te: np.ndarray, norm: pp.Normalization,
-                     torch_mean_iou: float | None) -> tuple[list[mf.Backend], dict[str, Any]]:
+def _export_backends(
+    model: BoxRegressor,
+    folder: Path,
+    rcp: pp.Recipe,
+    opts: Any,
+    data: RoiData,
+    tr: np.ndarray,
+    te: np.ndarray,
+    norm: pp.Normalization,
+    torch_mean_iou: float | None,
+) -> tuple[list[mf.Backend], dict[str, Any]]:
     """ONNX fp32 + int8 (and TensorRT when asked and possible), each checked against torch."""
     test_t = tensors(data.images[te], norm)
     probe = test_t[: min(16, len(test_t))]
@@ -963,22 +1206,35 @@ def _export_backends(model: BoxRegressor, folder: Path, rcp: pp.Recipe, opts: An
         fp32 = export.export_onnx(model, folder / "model.onnx", rcp.image_size, output_name="box")
         diff = export.compare_with_torch(model, fp32, probe)
         iou32 = mean_iou(export.onnx_predict(fp32, test_t))
-        backends.append(export.backend_record("onnx-fp32", fp32, folder, "fp32", max_abs_diff_vs_torch=diff,
-                                              note=f"test mean IoU {iou32:.4f}"))
+        backends.append(
+            export.backend_record(
+                "onnx-fp32", fp32, folder, "fp32", max_abs_diff_vs_torch=diff, note=f"test mean IoU {iou32:.4f}"
+            )
+        )
         calib = tensors(data.images[tr[np.random.default_rng(0).permutation(len(tr))[:64]]], norm)
         int8 = export.quantize_int8(fp32, folder / "model.int8.onnx", calib)
         diff8 = export.compare_with_torch(model, int8, probe)
         iou8 = mean_iou(export.onnx_predict(int8, test_t))
         keep = bool(math.isfinite(iou8) and math.isfinite(iou32) and iou8 >= iou32 - INT8_TOLERANCE)
-        note = (f"kept: test mean IoU {iou8:.4f} within {INT8_TOLERANCE} of fp32 {iou32:.4f}" if keep else
-                f"not kept: test mean IoU {iou8:.4f} more than {INT8_TOLERANCE} below fp32 {iou32:.4f}")
-        backends.append(export.backend_record("onnx-int8", int8, folder, "int8", kept=keep,
-                                              max_abs_diff_vs_torch=diff8, note=note))
-        info.update({"onnx_fp32_test_mean_iou": iou32, "onnx_fp32_max_abs_diff": diff,
-                     "onnx_int8_test_mean_iou": iou8, "onnx_int8_max_abs_diff": diff8, "onnx_int8_kept": keep})
+        note = (
+            f"kept: test mean IoU {iou8:.4f} within {INT8_TOLERANCE} of fp32 {iou32:.4f}"
+            if keep
+            else f"not kept: test mean IoU {iou8:.4f} more than {INT8_TOLERANCE} below fp32 {iou32:.4f}"
+        )
+        backends.append(
+            export.backend_record("onnx-int8", int8, folder, "int8", kept=keep, max_abs_diff_vs_torch=diff8, note=note)
+        )
+        info.update(
+            {
+                "onnx_fp32_test_mean_iou": iou32,
+                "onnx_fp32_max_abs_diff": diff,
+                "onnx_int8_test_mean_iou": iou8,
+                "onnx_int8_max_abs_diff": diff8,
+                "onnx_int8_kept": keep,
+            }
+        )
         log.info("onnx_exported", max_abs_diff=diff, int8_mean_iou=iou8, fp32_mean_iou=iou32, int8_kept=keep)
     trt = export.tensorrt_backend(model, folder, rcp.image_size, opts.backend, info)
     if trt is not None:
         backends.append(trt)
     return backends, info
-

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -39,14 +40,15 @@ __all__ = [
 ]
 
 KEYPOINT_LABELS: tuple[str, ...] = (
-    "C2 centroid", "C2 bottom left", "C2 bottom right",
+    "C2 centroid",
+    "C2 bottom left",
+    "C2 bottom right",
     *(f"C{v} {side}" for v in range(3, 8) for side in ("top left", "top right", "bottom left", "bottom right")),
 )
 LEVELS: tuple[str, ...] = ("C2", "C3", "C4", "C5", "C6", "C7")
 DISCS: tuple[str, ...] = ("C2-3", "C3-4", "C4-5", "C5-6", "C6-7")
 
-SUPER_HEADER = ("Cervical Spine X-ray Atlas measurements: basic information",
-                "Sagittal parameters (pixel / degree)")
+SUPER_HEADER = ("Cervical Spine X-ray Atlas measurements: basic information", "Sagittal parameters (pixel / degree)")
 COL_NUMBER = "Number"
 COL_GENDER = "Gender:female-1,male-0"
 COL_AGE = "Age"
@@ -54,11 +56,23 @@ COL_DISEASE = "Disease classification: 1. Cervical spondylosis; 2. Healthy"
 COL_CURVATURE = "Curvature: 1.Lordotic, 2.Straight, 3.Sigmoid1, 4.Sigmoid2, 5.Kyphotic"
 COL_PIXEL_EQ = "Pixel equivalent (mm/pixel)"
 MEASURE_COLUMNS: tuple[str, ...] = (
-    "C2-7Cobb", "CCI", "C2-7 SVA (pixel)", "C2 slope (degree)", "C7 slope (degree)",
-    *(f"{d} disc height (pixel)" for d in DISCS), "C3-7 posterior height (pixel)",
+    "C2-7Cobb",
+    "CCI",
+    "C2-7 SVA (pixel)",
+    "C2 slope (degree)",
+    "C7 slope (degree)",
+    *(f"{d} disc height (pixel)" for d in DISCS),
+    "C3-7 posterior height (pixel)",
 )
-SHEET_COLUMNS: tuple[str, ...] = (COL_NUMBER, COL_GENDER, COL_AGE, COL_DISEASE, COL_CURVATURE,
-                                  *MEASURE_COLUMNS, COL_PIXEL_EQ)
+SHEET_COLUMNS: tuple[str, ...] = (
+    COL_NUMBER,
+    COL_GENDER,
+    COL_AGE,
+    COL_DISEASE,
+    COL_CURVATURE,
+    *MEASURE_COLUMNS,
+    COL_PIXEL_EQ,
+)
 
 DISEASE_SPONDYLOSIS = 1
 DISEASE_HEALTHY = 2
@@ -75,6 +89,7 @@ _STREAM_PLAN, _STREAM_PATIENT, _STREAM_ROW = 1, 2, 3
 # Public result
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SynthResult:
     """What `synthesize` wrote. `n_healthy` counts images (not rows) with disease code 2."""
@@ -89,6 +104,7 @@ class SynthResult:
 # --------------------------------------------------------------------------------------------------
 # Plan: patients and sheet rows
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Lesion:
@@ -154,8 +170,11 @@ def _validate(n: int, seed: int, healthy_fraction: float) -> None:
         raise ValueError(f"n must be >= 1 (number of images), got {n}")
     if n + _n_missing(int(n)) > MAX_ROWS:
         raise ValueError(f"n={n} is too large: the 4-digit Number allows at most {MAX_ROWS} sheet rows")
-    if (isinstance(healthy_fraction, bool) or not isinstance(healthy_fraction, (int, float, np.floating))
-            or not 0.0 < float(healthy_fraction) < 1.0):
+    if (
+        isinstance(healthy_fraction, bool)
+        or not isinstance(healthy_fraction, (int, float, np.floating))
+        or not 0.0 < float(healthy_fraction) < 1.0
+    ):
         raise ValueError(f"healthy_fraction must be strictly between 0 and 1, got {healthy_fraction!r}")
 
 
@@ -206,21 +225,23 @@ def _sample_lesions(rng: np.random.Generator, severity: float) -> tuple[Lesion, 
     for d in sorted(int(x) for x in discs):
         s = severity * rng.uniform(0.85, 1.1)
 
-        def spur(p: float, scale: float) -> float:
+        def spur(p: float, scale: float, s: float = s) -> float:
             return float(scale * (0.1 + s * rng.uniform(0.28, 0.5))) if rng.random() < p else 0.0
 
         up, low = spur(0.85, 1.0), spur(0.75, 1.0)
         if up == 0.0 and low == 0.0:
             up = float(0.1 + s * 0.35)
-        lesions.append(Lesion(
-            disc=d,
-            narrowing=float(1.0 - (0.18 + 0.5 * s) * rng.uniform(0.85, 1.15)) if rng.random() < 0.8 else 1.0,
-            spur_upper_ant=up,
-            spur_lower_ant=low,
-            spur_upper_post=spur(0.35, 0.55),
-            spur_lower_post=spur(0.35, 0.55),
-            sclerosis=float((0.4 + 0.6 * s) * rng.uniform(0.8, 1.2)) if rng.random() < 0.7 else 0.0,
-        ))
+        lesions.append(
+            Lesion(
+                disc=d,
+                narrowing=float(1.0 - (0.18 + 0.5 * s) * rng.uniform(0.85, 1.15)) if rng.random() < 0.8 else 1.0,
+                spur_upper_ant=up,
+                spur_lower_ant=low,
+                spur_upper_post=spur(0.35, 0.55),
+                spur_lower_post=spur(0.35, 0.55),
+                sclerosis=float((0.4 + 0.6 * s) * rng.uniform(0.8, 1.2)) if rng.random() < 0.7 else 0.0,
+            )
+        )
     return tuple(lesions)
 
 
@@ -230,7 +251,8 @@ def _sample_anatomy(rng: np.random.Generator, healthy: bool) -> Anatomy:
     heights = [c2_height] + list(np.array([0.97, 0.97, 0.99, 1.01, 1.06]) * rng.normal(1, 0.035, 5))
     base_depth = rng.uniform(1.2, 1.4)
     depths = [base_depth * rng.uniform(1.0, 1.1)] + list(
-        base_depth * np.linspace(1.0, 1.12, 5) * rng.normal(1, 0.03, 5))
+        base_depth * np.linspace(1.0, 1.12, 5) * rng.normal(1, 0.03, 5)
+    )
     disc_base = rng.uniform(0.26, 0.34)
     discs = disc_base * np.array([0.8, 0.95, 1.0, 1.02, 1.0]) * rng.normal(1, 0.05, 5)
     if healthy:
@@ -242,8 +264,13 @@ def _sample_anatomy(rng: np.random.Generator, healthy: bool) -> Anatomy:
         lesions = _sample_lesions(rng, severity)
         for les in lesions:
             discs[les.disc] *= les.narrowing
-    curve_deg = {1: rng.uniform(12, 38), 2: rng.uniform(-4, 4), 3: rng.uniform(8, 16),
-                 4: rng.uniform(8, 16), 5: rng.uniform(-22, -8)}[curvature]
+    curve_deg = {
+        1: rng.uniform(12, 38),
+        2: rng.uniform(-4, 4),
+        3: rng.uniform(8, 16),
+        4: rng.uniform(8, 16),
+        5: rng.uniform(-22, -8),
+    }[curvature]
     return Anatomy(
         heights=tuple(float(h) for h in heights),
         depths=tuple(float(d) for d in depths),
@@ -297,17 +324,25 @@ def _plan(n: int, seed: int, healthy_fraction: float) -> tuple[list[Patient], li
             file_age = min(max(pat.age + int(rng.choice([-2, -1, 1, 2])), 10), 99)
             if file_age == pat.age:
                 file_age = pat.age - 1
-        rows.append(RowPlan(
-            number=r + 1, patient=pi, gender=pat.gender, age=pat.age,
-            disease=DISEASE_HEALTHY if pat.healthy else DISEASE_SPONDYLOSIS,
-            has_image=has, file_age=file_age, duplicate_label=(r == dup_quirk),
-        ))
+        rows.append(
+            RowPlan(
+                number=r + 1,
+                patient=pi,
+                gender=pat.gender,
+                age=pat.age,
+                disease=DISEASE_HEALTHY if pat.healthy else DISEASE_SPONDYLOSIS,
+                has_image=has,
+                file_age=file_age,
+                duplicate_label=(r == dup_quirk),
+            )
+        )
     return patients, rows
 
 
 # --------------------------------------------------------------------------------------------------
 # Geometry: one view of one spine
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Spine:
@@ -350,11 +385,12 @@ class View:
 
 def _bezier(a: np.ndarray, c: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     t = np.linspace(0.0, 1.0, n)[:, None]
-    return (1 - t) ** 2 * a + 2 * (1 - t) * t * c + t ** 2 * b
+    return (1 - t) ** 2 * a + 2 * (1 - t) * t * c + t**2 * b
 
 
-def rounded_outline(corners: np.ndarray, radius: float, bulge: Sequence[float],
-                    n_arc: int = 7, n_edge: int = 6) -> tuple[np.ndarray, np.ndarray]:
+def rounded_outline(
+    corners: np.ndarray, radius: float, bulge: Sequence[float], n_arc: int = 7, n_edge: int = 6
+) -> tuple[np.ndarray, np.ndarray]:
     """Closed outline of a quadrilateral (TL, TR, BR, BL) with rounded corners.
 
     Each corner becomes a quadratic Bezier arc; its mid-point (returned as the corner keypoint, (4, 2))
@@ -380,8 +416,9 @@ def rounded_outline(corners: np.ndarray, radius: float, bulge: Sequence[float],
     return np.concatenate(pts), kps
 
 
-def _spur_polygon(k: np.ndarray, out: np.ndarray, toward: np.ndarray, length: float,
-                  u: float, rng: np.random.Generator) -> np.ndarray:
+def _spur_polygon(
+    k: np.ndarray, out: np.ndarray, toward: np.ndarray, length: float, u: float, rng: np.random.Generator
+) -> np.ndarray:
     """Beak-like osteophyte at corner keypoint `k`: it flares out of the wall (`-toward` side), passes
     outside the corner along `out` and hooks `toward` the disc, ending in a blunt tip."""
     a, b = rng.uniform(0.7, 1.0), rng.uniform(0.45, 0.9)
@@ -391,10 +428,8 @@ def _spur_polygon(k: np.ndarray, out: np.ndarray, toward: np.ndarray, length: fl
     base_plate = k - out * w_plate
     tip = k + out * length * a + toward * length * b
     tip_w = max(0.03 * u, 0.14 * length)
-    outer = _bezier(base_wall, k + out * length * a * 1.05 - toward * 0.15 * w_wall,
-                    tip + out * tip_w * 0.5, 10)
-    inner = _bezier(tip - out * tip_w * 0.5, k + out * length * a * 0.55 + toward * length * b * 0.15,
-                    base_plate, 10)
+    outer = _bezier(base_wall, k + out * length * a * 1.05 - toward * 0.15 * w_wall, tip + out * tip_w * 0.5, 10)
+    inner = _bezier(tip - out * tip_w * 0.5, k + out * length * a * 0.55 + toward * length * b * 0.15, base_plate, 10)
     return np.concatenate([outer, inner])
 
 
@@ -411,8 +446,9 @@ def _curve_phis(curvature: int, curve_deg: float, tilt: float) -> np.ndarray:
     return tilt + prof
 
 
-def build_spine(anat: Anatomy, u: float, origin: np.ndarray, tilt: float, curve_scale: float,
-                rng: np.random.Generator) -> Spine:
+def build_spine(
+    anat: Anatomy, u: float, origin: np.ndarray, tilt: float, curve_scale: float, rng: np.random.Generator
+) -> Spine:
     """Stack C2..C7 along the curve from the top centre of the C2 body (`origin`, pixels)."""
     phis = _curve_phis(anat.curvature, anat.curve_deg * curve_scale, tilt)
     corners = np.empty((6, 4, 2))
@@ -422,16 +458,19 @@ def build_spine(anat: Anatomy, u: float, origin: np.ndarray, tilt: float, curve_
         p = np.array([math.cos(phis[i]), -math.sin(phis[i])])
         h, w, wd = anat.heights[i] * u, anat.depths[i] * u, anat.wedge[i]
         bottom = top + d * h
-        corners[i] = (top - p * w / 2 + d * h * wd / 2, top + p * w / 2,
-                      bottom + p * w / 2, bottom - p * w / 2 - d * h * wd / 2)
+        corners[i] = (
+            top - p * w / 2 + d * h * wd / 2,
+            top + p * w / 2,
+            bottom + p * w / 2,
+            bottom - p * w / 2 - d * h * wd / 2,
+        )
         if i < 5:
             dn = np.array([math.sin(phis[i + 1]), math.cos(phis[i + 1])])
             mid = (d + dn) / np.linalg.norm(d + dn)
             top = bottom + mid * anat.discs[i] * u
     outlines, cps = [], np.empty((6, 4, 2))
     for i in range(6):
-        bulge = (rng.uniform(-0.02, 0.02), rng.uniform(-0.03, 0.0),
-                 rng.uniform(0.0, 0.03), rng.uniform(-0.06, -0.02))
+        bulge = (rng.uniform(-0.02, 0.02), rng.uniform(-0.03, 0.0), rng.uniform(0.0, 0.03), rng.uniform(-0.06, -0.02))
         ol, kp = rounded_outline(corners[i], anat.corner_radius * u, bulge)
         outlines.append(ol)
         cps[i] = kp
@@ -442,8 +481,14 @@ def build_spine(anat: Anatomy, u: float, origin: np.ndarray, tilt: float, curve_
     base = (tl + tr) / 2 + p0 * 0.06 * u
     dh, dw = anat.dens[0] * u, anat.dens[1] * u
     lean = rng.uniform(-0.1, 0.05) * u
-    dens_q = np.array([tl + (tr - tl) * 0.12 + d0 * 0.35 * u, base - d0 * dh - p0 * dw * 0.42 + p0 * lean,
-                       base - d0 * dh + p0 * dw * 0.42 + p0 * lean, tr - (tr - tl) * 0.1 + d0 * 0.35 * u])
+    dens_q = np.array(
+        [
+            tl + (tr - tl) * 0.12 + d0 * 0.35 * u,
+            base - d0 * dh - p0 * dw * 0.42 + p0 * lean,
+            base - d0 * dh + p0 * dw * 0.42 + p0 * lean,
+            tr - (tr - tl) * 0.1 + d0 * 0.35 * u,
+        ]
+    )
     dens, _ = rounded_outline(dens_q, dw * 0.42, (0.1, -0.06, 0.0, -0.08))
 
     spurs: list[tuple[int, np.ndarray]] = []
@@ -455,8 +500,10 @@ def build_spine(anat: Anatomy, u: float, origin: np.ndarray, tilt: float, curve_
         p_up = np.array([math.cos(phis[up]), -math.sin(phis[up])])
         p_lo = np.array([math.cos(phis[lo]), -math.sin(phis[lo])])
         for length, body, corner, out, toward in (
-            (les.spur_upper_ant, up, 3, -p_up, d_up), (les.spur_lower_ant, lo, 0, -p_lo, -d_lo),
-            (les.spur_upper_post, up, 2, p_up, d_up), (les.spur_lower_post, lo, 1, p_lo, -d_lo),
+            (les.spur_upper_ant, up, 3, -p_up, d_up),
+            (les.spur_lower_ant, lo, 0, -p_lo, -d_lo),
+            (les.spur_upper_post, up, 2, p_up, d_up),
+            (les.spur_lower_post, lo, 1, p_lo, -d_lo),
         ):
             if length > 0:
                 spurs.append((body, _spur_polygon(cps[body][corner], out, toward, length * u, u, rng)))
@@ -497,8 +544,16 @@ def sample_view(rng: np.random.Generator, anat: Anatomy) -> View:
 
 
 def _shift_spine(s: Spine, shift: np.ndarray) -> Spine:
-    return Spine(s.corners + shift, tuple(o + shift for o in s.outlines), s.corner_points + shift,
-                 s.dens + shift, s.phis, tuple((i, p + shift) for i, p in s.spurs), s.sclerosis, s.u)
+    return Spine(
+        s.corners + shift,
+        tuple(o + shift for o in s.outlines),
+        s.corner_points + shift,
+        s.dens + shift,
+        s.phis,
+        tuple((i, p + shift) for i, p in s.spurs),
+        s.sclerosis,
+        s.u,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,8 +579,7 @@ def _roi(pts: np.ndarray, margin: float, shape: tuple[int, int]) -> tuple[int, i
     return x0, y0, x1, y1
 
 
-def _stamp(att: np.ndarray, polys: Sequence[np.ndarray], value: float, sigma: float = 0.0,
-           thickness: int = 0) -> None:
+def _stamp(att: np.ndarray, polys: Sequence[np.ndarray], value: float, sigma: float = 0.0, thickness: int = 0) -> None:
     """Add `value` inside the filled polygons (or along polylines when thickness > 0), in place."""
     allpts = np.concatenate(polys)
     box = _roi(allpts, 3 * sigma + thickness + 2, att.shape)
@@ -555,13 +609,22 @@ def _bone_texture(rng: np.random.Generator, spine: Spine, shape: tuple[int, int]
     x0, y0, x1, y1 = box
     sub = (y1 - y0, x1 - x0)
     u = spine.u
-    texture[y0:y1, x0:x1] += (0.14 * _lowres_noise(rng, sub, max(2.0, 0.07 * u))
-                              + 0.08 * _lowres_noise(rng, sub, max(2.0, 0.4 * u)))
+    texture[y0:y1, x0:x1] += 0.14 * _lowres_noise(rng, sub, max(2.0, 0.07 * u)) + 0.08 * _lowres_noise(
+        rng, sub, max(2.0, 0.4 * u)
+    )
     return texture
 
 
-def _draw_vertebra(att: np.ndarray, texture: np.ndarray, spine: Spine, i: int, mu_body: float,
-                   mu_rim: float, rim_px: float, rng: np.random.Generator) -> None:
+def _draw_vertebra(
+    att: np.ndarray,
+    texture: np.ndarray,
+    spine: Spine,
+    i: int,
+    mu_body: float,
+    mu_rim: float,
+    rim_px: float,
+    rng: np.random.Generator,
+) -> None:
     """Body (+ dens for C2, + osteophytes) with cancellous fill, cortical rim and sclerotic endplates."""
     polys = [spine.outlines[i]] + ([spine.dens] if i == 0 else []) + [p for b, p in spine.spurs if b == i]
     box = _roi(np.concatenate(polys), rim_px * 3 + 4 + 0.3 * spine.u, att.shape)
@@ -581,8 +644,15 @@ def _draw_vertebra(att: np.ndarray, texture: np.ndarray, spine: Spine, i: int, m
         c = spine.corners[0]
         line = np.zeros_like(mask)
         a, b = c[0] + (c[3] - c[0]) * 0.2, c[1] + (c[2] - c[1]) * 0.15
-        cv2.polylines(line, [_fixed(np.array([a, (a + b) / 2 - (c[3] - c[0]) * 0.05, b]), off)], False, 255,
-                      max(1, int(rim_px * 0.6)), cv2.LINE_AA, _SHIFT)
+        cv2.polylines(
+            line,
+            [_fixed(np.array([a, (a + b) / 2 - (c[3] - c[0]) * 0.05, b]), off)],
+            False,
+            255,
+            max(1, int(rim_px * 0.6)),
+            cv2.LINE_AA,
+            _SHIFT,
+        )
         rim += 0.3 * line.astype(np.float32) / 255.0 * body
     scl = np.zeros_like(body)
     for b, edge, strength in spine.sclerosis:
@@ -616,8 +686,14 @@ def _draw_posterior(att: np.ndarray, spine: Spine, mu: float, rng: np.random.Gen
         h = np.linalg.norm(c[2] - c[1])
         pc = wall + p * u * rng.uniform(0.7, 0.9) + d * 0.15 * u
         pw = 0.4 * u
-        pillar = np.array([pc - p * pw - d * 0.55 * h, pc + p * pw - d * 0.62 * h,
-                           pc + p * pw + d * 0.6 * h, pc - p * pw + d * 0.68 * h])
+        pillar = np.array(
+            [
+                pc - p * pw - d * 0.55 * h,
+                pc + p * pw - d * 0.62 * h,
+                pc + p * pw + d * 0.6 * h,
+                pc - p * pw + d * 0.68 * h,
+            ]
+        )
         pol, _ = rounded_outline(pillar, 0.15 * u, (0.05, 0.05, 0.05, 0.05))
         shapes.append((pol, mu * rng.uniform(0.8, 1.1)))
         length = u * (1.3 + 0.12 * i + (0.9 if i in (0, 5) else 0.0)) * rng.uniform(0.85, 1.15)
@@ -625,8 +701,12 @@ def _draw_posterior(att: np.ndarray, spine: Spine, mu: float, rng: np.random.Gen
         tip = root + p * length + d * (0.25 + 0.07 * i) * length
         half = (0.35 if i == 0 else 0.24) * u
         mid = (root + tip) / 2
-        spinous = np.concatenate([_bezier(root - d * half, mid - d * half * 0.5, tip - d * 0.1 * u, 8),
-                                  _bezier(tip + d * 0.12 * u, mid + d * half * 0.4, root + d * half, 8)])
+        spinous = np.concatenate(
+            [
+                _bezier(root - d * half, mid - d * half * 0.5, tip - d * 0.1 * u, 8),
+                _bezier(tip + d * 0.12 * u, mid + d * half * 0.4, root + d * half, 8),
+            ]
+        )
         shapes.append((spinous, mu * rng.uniform(0.8, 1.05)))
     d, p = spine.axes(0)
     dens_mid = spine.dens.mean(axis=0)
@@ -694,19 +774,23 @@ def _soft_tissue(rng: np.random.Generator, view: View, jaw: np.ndarray, f: int) 
     r = (ant + post) / 2 * widen
     neck = np.sqrt(np.clip(1.0 - ((X - mid) / r) ** 2, 0, None))
     ry = rng.uniform(7.0, 9.0) * u
-    head = _ellipsoid(X, Y, x_top + rng.uniform(0.5, 2.0) * u, top + rng.uniform(-0.3, 0.6) * u - ry,
-                      rng.uniform(8.0, 11.0) * u, ry)
+    head = _ellipsoid(
+        X, Y, x_top + rng.uniform(0.5, 2.0) * u, top + rng.uniform(-0.3, 0.6) * u - ry, rng.uniform(8.0, 11.0) * u, ry
+    )
     fy = rng.uniform(2.4, 3.0) * u
-    face = _ellipsoid(X, Y, float(jaw[0]) - rng.uniform(3.0, 3.8) * u, float(jaw[1]) + 0.35 * u - fy,
-                      rng.uniform(3.6, 4.4) * u, fy)
+    face = _ellipsoid(
+        X, Y, float(jaw[0]) - rng.uniform(3.0, 3.8) * u, float(jaw[1]) + 0.35 * u - fy, rng.uniform(3.6, 4.4) * u, fy
+    )
     y_sh = float(centres[5, 1]) + rng.uniform(-0.5, 2.5) * u
-    shoulders = _ellipsoid(X, Y, float(mid[-1, 0]) + rng.uniform(0, 2) * u, y_sh + 5.5 * u,
-                           rng.uniform(7.0, 10.0) * u, 6.0 * u)
+    shoulders = _ellipsoid(
+        X, Y, float(mid[-1, 0]) + rng.uniform(0, 2) * u, y_sh + 5.5 * u, rng.uniform(7.0, 10.0) * u, 6.0 * u
+    )
     mu_t = rng.uniform(0.6, 0.9)
-    a = mu_t * (neck + 0.85 * np.maximum(head, face ** 2)) + rng.uniform(0.1, 1.0) * shoulders
+    a = mu_t * (neck + 0.85 * np.maximum(head, face**2)) + rng.uniform(0.1, 1.0) * shoulders
     # airway: darker band in front of the bodies (pharynx above, trachea below), a smooth curve
-    walls = np.array([(sp.corners[i][0] + sp.corners[i][3]) / 2 - sp.axes(i)[1] * u * (0.75 + 0.55 * i / 5)
-                      for i in range(6)])
+    walls = np.array(
+        [(sp.corners[i][0] + sp.corners[i][3]) / 2 - sp.axes(i)[1] * u * (0.75 + 0.55 * i / 5) for i in range(6)]
+    )
     depth = rng.uniform(0.9, 1.2)
     yy = np.linspace(walls[0, 1] - 4 * u, walls[5, 1] + 4 * u, 40)
     fit = np.polyfit(walls[:, 1], walls[:, 0] - (walls[:, 0] - centres[:, 0]) * (1 - depth), 2)
@@ -777,8 +861,19 @@ def render(view: View, rng: np.random.Generator) -> np.ndarray:
 # Overlays, output modes, files
 # --------------------------------------------------------------------------------------------------
 
-_TEXTS = ("R", "L", "LAT", "C-SPINE LAT", "RADIOLOGY DEPT", "CITY GENERAL HOSP", "NECK LATERAL",
-          "kVp 70  mAs 16", "SID 180cm", "DR-1", "STANDING")
+_TEXTS = (
+    "R",
+    "L",
+    "LAT",
+    "C-SPINE LAT",
+    "RADIOLOGY DEPT",
+    "CITY GENERAL HOSP",
+    "NECK LATERAL",
+    "kVp 70  mAs 16",
+    "SID 180cm",
+    "DR-1",
+    "STANDING",
+)
 
 
 def _draw_text(m: np.ndarray, rng: np.random.Generator) -> None:
@@ -804,8 +899,11 @@ def _draw_text(m: np.ndarray, rng: np.random.Generator) -> None:
         left = int(rng.integers(5, max(6, w // 10)))
         right = max(5, w - tw - int(rng.integers(5, max(6, w // 10))))
         x = int(rng.choice([left, right]))
-        y = int(rng.choice([rng.integers(th + 5, th + 5 + max(1, h // 10)),
-                            max(th + 5, h - int(rng.integers(5, max(6, h // 10))))]))
+        y = int(
+            rng.choice(
+                [rng.integers(th + 5, th + 5 + max(1, h // 10)), max(th + 5, h - int(rng.integers(5, max(6, h // 10))))]
+            )
+        )
         cv2.putText(m, s, (x, y), font, fs, 255, thick, cv2.LINE_AA)
 
 
@@ -869,9 +967,15 @@ def sample_style(rng: np.random.Generator) -> Style:
     modes = list(MODE_WEIGHTS)
     mode = str(rng.choice(modes, p=list(MODE_WEIGHTS.values())))
     colour = (1.0, 1.0, 1.0) if rng.random() < 0.5 else (0.1, 0.95, 1.0)  # white or yellow
-    return Style(mode=mode, inverted=bool(rng.random() < 0.08), text=bool(rng.random() < 0.2),
-                 ruler=bool(rng.random() < 0.15), bits16=int(rng.choice([12, 16])), colour=colour,
-                 collimated=bool(rng.random() < 0.1))
+    return Style(
+        mode=mode,
+        inverted=bool(rng.random() < 0.08),
+        text=bool(rng.random() < 0.2),
+        ruler=bool(rng.random() < 0.15),
+        bits16=int(rng.choice([12, 16])),
+        colour=colour,
+        collimated=bool(rng.random() < 0.1),
+    )
 
 
 def _collimate(img: np.ndarray, rng: np.random.Generator, spine: Spine) -> np.ndarray:
@@ -893,8 +997,7 @@ def encode(img: np.ndarray, overlay: np.ndarray, style: Style) -> np.ndarray:
     g = img
     ov = overlay.astype(np.float32) / 255.0
     if style.mode in ("RGB", "RGBA"):
-        chans = [np.maximum(g, ov * c) if not style.inverted else np.minimum(1 - g, 1 - ov * c)
-                 for c in style.colour]
+        chans = [np.maximum(g, ov * c) if not style.inverted else np.minimum(1 - g, 1 - ov * c) for c in style.colour]
         bgr = np.stack(chans, axis=-1)
         out = np.round(bgr * 255).astype(np.uint8)
         if style.mode == "RGBA":
@@ -927,19 +1030,33 @@ def labelme(view: View, file_id: str, rng: np.random.Generator, duplicate_label:
     kp = np.clip(kp, 0.0, [view.width - 1.0, view.height - 1.0])
     shapes = []
     for label, (x, y) in zip(KEYPOINT_LABELS, kp):
-        shapes.append({"label": label, "points": [[round(float(x), 4), round(float(y), 4)]], "group_id": None,
-                       "shape_type": "polygon" if rng.random() < 0.04 else "point", "flags": {}})
+        shapes.append(
+            {
+                "label": label,
+                "points": [[round(float(x), 4), round(float(y), 4)]],
+                "group_id": None,
+                "shape_type": "polygon" if rng.random() < 0.04 else "point",
+                "flags": {},
+            }
+        )
     if duplicate_label:
         src = shapes[KEYPOINT_LABELS.index("C3 top right")]
-        (x, y), = src["points"]
+        ((x, y),) = src["points"]
         dx, dy = rng.uniform(1.5, 4.0, 2) * rng.choice([-1, 1], 2)
         x2 = float(np.clip(x + dx, 0, view.width - 1))
         y2 = float(np.clip(y + dy, 0, view.height - 1))
         shapes.append({**src, "points": [[round(x2, 4), round(y2, 4)]], "shape_type": "point"})
     if rng.random() < 0.25:
         shapes = [shapes[i] for i in rng.permutation(len(shapes))]
-    return {"version": "4.5.6", "flags": {}, "shapes": shapes, "imagePath": f"..\\datasets-PNG\\{file_id}.png",
-            "imageData": None, "imageHeight": view.height, "imageWidth": view.width}
+    return {
+        "version": "4.5.6",
+        "flags": {},
+        "shapes": shapes,
+        "imagePath": f"..\\datasets-PNG\\{file_id}.png",
+        "imageData": None,
+        "imageHeight": view.height,
+        "imageWidth": view.width,
+    }
 
 
 def measurements(view: View) -> dict[str, float]:
@@ -964,9 +1081,13 @@ def measurements(view: View) -> dict[str, float]:
         q = pt(f"{lv} bottom right") - a
         cci += (ab[0] * q[1] - ab[1] * q[0]) / length  # > 0 when the point lies anterior (image-left)
     cci = cci / length * 100 if length > 0 else 0.0
-    out = {"C2-7Cobb": cobb, "CCI": cci,
-           "C2-7 SVA (pixel)": float(pt("C7 top right")[0] - pt("C2 centroid")[0]),
-           "C2 slope (degree)": slope("C2"), "C7 slope (degree)": slope("C7")}
+    out = {
+        "C2-7Cobb": cobb,
+        "CCI": cci,
+        "C2-7 SVA (pixel)": float(pt("C7 top right")[0] - pt("C2 centroid")[0]),
+        "C2 slope (degree)": slope("C2"),
+        "C7 slope (degree)": slope("C7"),
+    }
     for i, disc in enumerate(DISCS):
         upper, lower = LEVELS[i], LEVELS[i + 1]
         ant = np.linalg.norm(pt(f"{lower} top left") - pt(f"{upper} bottom left"))
@@ -976,8 +1097,13 @@ def measurements(view: View) -> dict[str, float]:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def write_sheet(path: Path, rows: Sequence[RowPlan], anatomies: Sequence[Anatomy],
-                values: Sequence[dict[str, float]], mm: Sequence[float]) -> None:
+def write_sheet(
+    path: Path,
+    rows: Sequence[RowPlan],
+    anatomies: Sequence[Anatomy],
+    values: Sequence[dict[str, float]],
+    mm: Sequence[float],
+) -> None:
     """datasets.xlsx: super-header (merged groups) on row 1, column names on row 2, data below."""
     from openpyxl import Workbook
 
@@ -992,8 +1118,15 @@ def write_sheet(path: Path, rows: Sequence[RowPlan], anatomies: Sequence[Anatomy
     for j, name in enumerate(SHEET_COLUMNS, start=1):
         ws.cell(row=2, column=j, value=name)
     for r, (row, anat, vals, px) in enumerate(zip(rows, anatomies, values, mm), start=3):
-        record = [row.number, row.gender, row.age, row.disease, anat.curvature,
-                  *(vals[c] for c in MEASURE_COLUMNS), round(px, 4)]
+        record = [
+            row.number,
+            row.gender,
+            row.age,
+            row.disease,
+            anat.curvature,
+            *(vals[c] for c in MEASURE_COLUMNS),
+            round(px, 4),
+        ]
         for j, v in enumerate(record, start=1):
             ws.cell(row=r, column=j, value=v)
     wb.save(path)
@@ -1009,7 +1142,8 @@ def _check_no_foreign_files(folder: Path, expected: set[str]) -> None:
     if foreign:
         raise FileExistsError(
             f"{folder} holds {len(foreign)} file(s) this data set would not write "
-            f"(e.g. {', '.join(foreign[:3])}): use an empty folder")
+            f"(e.g. {', '.join(foreign[:3])}): use an empty folder"
+        )
 
 
 def _write_image(row: RowPlan, view: View, rng: np.random.Generator, png_dir: Path, json_dir: Path) -> None:
@@ -1027,8 +1161,9 @@ def _write_image(row: RowPlan, view: View, rng: np.random.Generator, png_dir: Pa
     (json_dir / f"{row.file_id}.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
 
 
-def synthesize(out: Path, n: int = 200, seed: int = 0, healthy_fraction: float = 0.04,
-               progress: bool = False) -> SynthResult:
+def synthesize(
+    out: Path, n: int = 200, seed: int = 0, healthy_fraction: float = 0.04, progress: bool = False
+) -> SynthResult:
     """Write a synthetic CSXA-layout data set of `n` images under `out` and describe it.
 
     `n` counts images; the sheet has n + ~0.75 % rows (rows without image). About

@@ -37,9 +37,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -67,8 +68,7 @@ COL_VIEW = "View: L. left oblique; R. right oblique"
 COL_STENOSIS = "Stenosis: 1. Foraminal stenosis; 0. Normal"
 COL_LEVELS = "Levels (narrowed foramina)"
 COL_PIXEL_EQ = "Pixel equivalent (mm/pixel)"
-SHEET_COLUMNS: tuple[str, ...] = (COL_NUMBER, COL_GENDER, COL_AGE, COL_VIEW, COL_STENOSIS, COL_LEVELS,
-                                  COL_PIXEL_EQ)
+SHEET_COLUMNS: tuple[str, ...] = (COL_NUMBER, COL_GENDER, COL_AGE, COL_VIEW, COL_STENOSIS, COL_LEVELS, COL_PIXEL_EQ)
 
 SINGLE_VIEW_FRACTION = 0.1
 LEVEL_WEIGHTS = (0.06, 0.16, 0.30, 0.33, 0.15)  # which foramina narrow: C5-6 and C4-5 most often
@@ -80,6 +80,7 @@ _STREAM_PLAN, _STREAM_PATIENT, _STREAM_GEOM, _STREAM_RENDER = 11, 12, 13, 14
 # --------------------------------------------------------------------------------------------------
 # Plan: patients and sheet rows
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ObliquePatient:
@@ -141,12 +142,20 @@ def _oblique_anatomy(rng: np.random.Generator, degenerate: bool) -> lat.Anatomy:
     lesions: list[lat.Lesion] = []
     if rng.random() < (0.45 if degenerate else 0.2):
         for d in sorted(int(x) for x in rng.choice(5, size=int(rng.integers(1, 3)), replace=False)):
-            lesions.append(lat.Lesion(disc=d, narrowing=1.0, spur_upper_ant=float(rng.uniform(0.08, 0.22)),
-                                      spur_lower_ant=float(rng.uniform(0.0, 0.15)), spur_upper_post=0.0,
-                                      spur_lower_post=0.0, sclerosis=0.0))
+            lesions.append(
+                lat.Lesion(
+                    disc=d,
+                    narrowing=1.0,
+                    spur_upper_ant=float(rng.uniform(0.08, 0.22)),
+                    spur_lower_ant=float(rng.uniform(0.0, 0.15)),
+                    spur_upper_post=0.0,
+                    spur_lower_post=0.0,
+                    sclerosis=0.0,
+                )
+            )
     return dataclasses.replace(
-        anat, depths=tuple(d * 0.78 for d in anat.depths), curve_deg=anat.curve_deg * 0.7,
-        lesions=tuple(lesions))
+        anat, depths=tuple(d * 0.78 for d in anat.depths), curve_deg=anat.curve_deg * 0.7, lesions=tuple(lesions)
+    )
 
 
 def _view_labels(rng: np.random.Generator, sizes: Sequence[int], fraction: float, n: int) -> list[list[int]]:
@@ -176,8 +185,9 @@ def _new_key(rng: np.random.Generator, avoid: set[tuple[int, int]], older: bool)
             return key
 
 
-def _plan(n: int, seed: int, positive_fraction: float,
-          annotated_fraction: float) -> tuple[list[ObliquePatient], list[ObliqueRow]]:
+def _plan(
+    n: int, seed: int, positive_fraction: float, annotated_fraction: float
+) -> tuple[list[ObliquePatient], list[ObliqueRow]]:
     rng = np.random.default_rng([seed, _STREAM_PLAN, n])
     sizes: list[int] = []
     total = 0
@@ -191,8 +201,9 @@ def _plan(n: int, seed: int, positive_fraction: float,
     # whose single row has no image)
     n_missing = lat._n_missing(n)
     singles = [i for i, s in enumerate(sizes) if s == 1]
-    phantom_of = set(int(i) for i in rng.choice(singles, size=min(n_missing, len(singles)), replace=False)) \
-        if singles else set()
+    phantom_of = (
+        set(int(i) for i in rng.choice(singles, size=min(n_missing, len(singles)), replace=False)) if singles else set()
+    )
     lone = n_missing - len(phantom_of)
     lone_after = sorted(int(x) for x in rng.integers(len(sizes), size=lone))
 
@@ -222,8 +233,7 @@ def _plan(n: int, seed: int, positive_fraction: float,
         degen_sev = 0.0
         if positive:
             k_levels = int(prng.choice(3, p=[0.5, 0.35, 0.15])) + 1
-            degen_levels = tuple(sorted(int(x) for x in prng.choice(5, size=k_levels, replace=False,
-                                                                    p=LEVEL_WEIGHTS)))
+            degen_levels = tuple(sorted(int(x) for x in prng.choice(5, size=k_levels, replace=False, p=LEVEL_WEIGHTS)))
             degen_sev = float(prng.uniform(0.3, 1.0))
             discs = list(anat.discs)
             for lv in degen_levels:  # disc degeneration: the same disc in both views
@@ -253,14 +263,25 @@ def _plan(n: int, seed: int, positive_fraction: float,
     rows = []
     for r, (pi, gender, age, v, y, has) in enumerate(rows_spec):
         kind = "rect" if r in annotated else special.get(r, "none")
-        rows.append(ObliqueRow(number=r + 1, patient=pi, gender=gender, age=age, view=v, label=y,
-                               has_image=has, json_kind=kind if has else "none"))
+        rows.append(
+            ObliqueRow(
+                number=r + 1,
+                patient=pi,
+                gender=gender,
+                age=age,
+                view=v,
+                label=y,
+                has_image=has,
+                json_kind=kind if has else "none",
+            )
+        )
     return patients, rows
 
 
 # --------------------------------------------------------------------------------------------------
 # Geometry of one view (canonical = left oblique orientation)
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Foramen:
@@ -350,8 +371,11 @@ def _foramen(level: int, severity: float, spine: lat.Spine, rng: np.random.Gener
     ry = 0.48 * u * prm["scale"] * math.sqrt(prm["aspect"])
     centre = wall + p * (0.12 * u + rx) - d * 0.12 * u
     theta = np.linspace(0.0, 2 * math.pi, 56, endpoint=False)
-    radial = (1.0 - prm["ant"] * _ang_gauss(theta, prm["ant_at"], prm["ant_w"])
-              - prm["post"] * _ang_gauss(theta, prm["post_at"], 0.5))
+    radial = (
+        1.0
+        - prm["ant"] * _ang_gauss(theta, prm["ant_at"], prm["ant_w"])
+        - prm["post"] * _ang_gauss(theta, prm["post_at"], 0.5)
+    )
     cr, sr = math.cos(prm["rot"]), math.sin(prm["rot"])
 
     def place(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -377,8 +401,16 @@ def _foramen(level: int, severity: float, spine: lat.Spine, rng: np.random.Gener
             idx = np.flatnonzero(sel)
             order = idx[np.argsort(np.angle(np.exp(1j * (theta[idx] - prm["post_at"]))))]
             facet = np.concatenate([place(ex[order] * 1.1, ey[order] * 1.06), outline[order][::-1]])
-    return Foramen(level=level, severity=float(severity), centre=centre, outline=outline, base=base,
-                   osteophyte=osteophyte, facet_spur=facet, area_ratio=_poly_area(outline) / normal_area)
+    return Foramen(
+        level=level,
+        severity=float(severity),
+        centre=centre,
+        outline=outline,
+        base=base,
+        osteophyte=osteophyte,
+        facet_spur=facet,
+        area_ratio=_poly_area(outline) / normal_area,
+    )
 
 
 def _level_severities(rng: np.random.Generator, patient: ObliquePatient, label: int) -> list[float]:
@@ -398,10 +430,16 @@ def _shift_view_parts(spine: lat.Spine, foramina: list[Foramen], shift: np.ndarr
     sp = lat._shift_spine(spine, shift)
     out = []
     for f in foramina:
-        out.append(dataclasses.replace(
-            f, centre=f.centre + shift, outline=f.outline + shift, base=f.base + shift,
-            osteophyte=None if f.osteophyte is None else f.osteophyte + shift,
-            facet_spur=None if f.facet_spur is None else f.facet_spur + shift))
+        out.append(
+            dataclasses.replace(
+                f,
+                centre=f.centre + shift,
+                outline=f.outline + shift,
+                base=f.base + shift,
+                osteophyte=None if f.osteophyte is None else f.osteophyte + shift,
+                facet_spur=None if f.facet_spur is None else f.facet_spur + shift,
+            )
+        )
     return sp, out
 
 
@@ -435,8 +473,12 @@ def sample_oblique_view(rng: np.random.Generator, patient: ObliquePatient, row: 
         spine, foramina = _shift_view_parts(spine, foramina, shift)
         pts = _roi_points(spine, foramina)
     m = 0.18 * u
-    box = (float(max(0.0, pts[:, 0].min() - m)), float(max(0.0, pts[:, 1].min() - m)),
-           float(min(w - 1.0, pts[:, 0].max() + m)), float(min(h - 1.0, pts[:, 1].max() + m)))
+    box = (
+        float(max(0.0, pts[:, 0].min() - m)),
+        float(max(0.0, pts[:, 1].min() - m)),
+        float(min(w - 1.0, pts[:, 0].max() + m)),
+        float(min(h - 1.0, pts[:, 1].max() + m)),
+    )
     mm = 15.5 * 0.78 * rng.normal(1, 0.06) / (np.mean(anat.depths[1:5]) * u)
     return ObliqueView(h, w, spine, tuple(foramina), box, float(mm), mirrored=row.view == "R")
 
@@ -444,6 +486,7 @@ def sample_oblique_view(rng: np.random.Generator, patient: ObliquePatient, row: 
 # --------------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------------
+
 
 def _pedicle_centre(spine: lat.Spine, i: int) -> np.ndarray:
     d, p = spine.axes(i)
@@ -490,15 +533,15 @@ def _draw_posterior_oblique(att: np.ndarray, view: ObliqueView, rng: np.random.G
         hgt = np.linalg.norm(c[2] - c[1])
         a = c[1] + p * 0.78 * u - d * 0.1 * u
         wd = u * rng.uniform(0.6, 0.75)
-        q = np.array([a, a + p * wd + d * 0.12 * u, a + p * wd * 0.95 + d * (hgt + 0.35 * u),
-                      a + d * (hgt + 0.2 * u)])
+        q = np.array([a, a + p * wd + d * 0.12 * u, a + p * wd * 0.95 + d * (hgt + 0.35 * u), a + d * (hgt + 0.2 * u)])
         ol, _ = lat.rounded_outline(q, 0.18 * u, (0.05, 0.06, 0.05, 0.02))
         fill.append((ol, mu * rng.uniform(1.05, 1.25)))
         lines.append((ol, mu * 1.35, rim, True))
         if i < 5:
             j0 = a + d * (hgt + 0.16 * u) + p * 0.05 * u
-            lines.append((np.array([j0, j0 + p * wd * 0.9 + d * 0.14 * u]), mu * 0.55,
-                          max(1, int(round(0.06 * u))), False))
+            lines.append(
+                (np.array([j0, j0 + p * wd * 0.9 + d * 0.14 * u]), mu * 0.55, max(1, int(round(0.06 * u))), False)
+            )
     # C1 lateral mass above C2, the C2 pars
     dens_top = sp.dens[np.argmin(sp.dens[:, 1])]
     c1 = dens_top + top_p * 0.55 * u + top_d * 0.25 * u
@@ -513,8 +556,12 @@ def _draw_posterior_oblique(att: np.ndarray, view: ObliqueView, rng: np.random.G
         fill.append((ring, mu * 1.2))
         lines.append((ring, mu * 1.9, rim, True))
     # osteophytes (drawn over the rest), then the foramina cut out, then their cortical margins
-    spurs = [(poly, mu * (1.9 + 0.9 * f.severity)) for f in view.foramina
-             for poly in (f.osteophyte, f.facet_spur) if poly is not None]
+    spurs = [
+        (poly, mu * (1.9 + 0.9 * f.severity))
+        for f in view.foramina
+        for poly in (f.osteophyte, f.facet_spur)
+        if poly is not None
+    ]
     holes = [f.outline for f in view.foramina]
     # contralateral pedicles projected over the posterior half of each body: faint rings
     over: list[np.ndarray] = []
@@ -540,12 +587,22 @@ def _draw_posterior_oblique(att: np.ndarray, view: ObliqueView, rng: np.random.G
     for poly in holes:
         cv2.fillPoly(layer, [lat._fixed(poly, off)], 0.0, cv2.LINE_8, lat._SHIFT)
     for f in view.foramina:
-        cv2.polylines(layer, [lat._fixed(f.outline, off)], True, float(mu * (1.45 + 0.2 * f.severity)),
-                      rim, cv2.LINE_8, lat._SHIFT)
+        cv2.polylines(
+            layer,
+            [lat._fixed(f.outline, off)],
+            True,
+            float(mu * (1.45 + 0.2 * f.severity)),
+            rim,
+            cv2.LINE_8,
+            lat._SHIFT,
+        )
     for poly in over:
         cv2.polylines(layer, [lat._fixed(poly, off)], True, float(mu * 0.55), rim, cv2.LINE_8, lat._SHIFT)
-    tex = 1.0 + 0.12 * lat._lowres_noise(rng, layer.shape, max(2.0, 0.08 * u)) \
+    tex = (
+        1.0
+        + 0.12 * lat._lowres_noise(rng, layer.shape, max(2.0, 0.08 * u))
         + 0.06 * lat._lowres_noise(rng, layer.shape, max(2.0, 0.4 * u))
+    )
     layer = cv2.GaussianBlur(layer * tex, (0, 0), max(0.7, 0.045 * u))
     att[y0:y1, x0:x1] += layer
 
@@ -557,8 +614,9 @@ def _draw_lower(att: np.ndarray, view: ObliqueView, rng: np.random.Generator) ->
     c7 = sp.corners[5]
     top = (c7[3] + c7[2]) / 2 + d * 0.32 * u
     wdt = np.linalg.norm(c7[2] - c7[3]) * 1.05
-    q = np.array([top - p * wdt / 2, top + p * wdt / 2, top + p * wdt / 2 + d * 1.1 * u,
-                  top - p * wdt / 2 + d * 1.1 * u])
+    q = np.array(
+        [top - p * wdt / 2, top + p * wdt / 2, top + p * wdt / 2 + d * 1.1 * u, top - p * wdt / 2 + d * 1.1 * u]
+    )
     ol, _ = lat.rounded_outline(q, 0.14 * u, (0.0, -0.02, 0.02, -0.04))
     mu_t1 = rng.uniform(0.18, 0.28)
     lat._stamp(att, [ol], mu_t1, sigma=0.05 * u)
@@ -599,8 +657,9 @@ def _draw_mandible_oblique(att: np.ndarray, spine: lat.Spine, jaw: np.ndarray, r
     lat._stamp(att, [bone], mu * 1.3, sigma=0.05 * u, thickness=max(1, int(0.08 * u)))
 
 
-def _collimate(img: np.ndarray, rng: np.random.Generator, box: tuple[float, float, float, float],
-               u: float) -> np.ndarray:
+def _collimate(
+    img: np.ndarray, rng: np.random.Generator, box: tuple[float, float, float, float], u: float
+) -> np.ndarray:
     h, w = img.shape
     x0b, y0b, x1b, y1b = box
     x0 = int(rng.uniform(0, max(1.0, min(x0b - u, w * 0.12))))
@@ -648,12 +707,19 @@ def render_oblique(view: ObliqueView, rng: np.random.Generator) -> np.ndarray:
 # Overlays, files
 # --------------------------------------------------------------------------------------------------
 
-_TEXTS = ("C-SPINE OBL", "OBLIQUE", "RADIOLOGY DEPT", "CITY GENERAL HOSP", "kVp 72  mAs 20", "SID 180cm",
-          "DR-2", "ERECT")
+_TEXTS = (
+    "C-SPINE OBL",
+    "OBLIQUE",
+    "RADIOLOGY DEPT",
+    "CITY GENERAL HOSP",
+    "kVp 72  mAs 20",
+    "SID 180cm",
+    "DR-2",
+    "ERECT",
+)
 
 
-def _overlay(rng: np.random.Generator, h: int, w: int, view: str, mm_per_px: float,
-             style: lat.Style) -> np.ndarray:
+def _overlay(rng: np.random.Generator, h: int, w: int, view: str, mm_per_px: float, style: lat.Style) -> np.ndarray:
     """Burned-in side marker ("L"/"R", ~55 %), some text and rulers (uint8 mask, 255 = burned in)."""
     m = np.zeros((h, w), np.uint8)
     scale = max(h, w) / 900
@@ -687,21 +753,35 @@ def _overlay(rng: np.random.Generator, h: int, w: int, view: str, mm_per_px: flo
     return m
 
 
-def _labelme(row: ObliqueRow, view: ObliqueView, rect: tuple[float, float, float, float] | None,
-             rng: np.random.Generator) -> dict[str, Any]:
+def _labelme(
+    row: ObliqueRow, view: ObliqueView, rect: tuple[float, float, float, float] | None, rng: np.random.Generator
+) -> dict[str, Any]:
     shapes: list[dict[str, Any]] = []
     if row.json_kind == "rect" and rect is not None:
         x0, y0, x1, y1 = (round(v, 2) for v in rect)
         corners = [[[x0, y0], [x1, y1]], [[x1, y1], [x0, y0]], [[x0, y1], [x1, y0]], [[x1, y0], [x0, y1]]]
         pts = corners[int(rng.choice(4, p=[0.7, 0.1, 0.1, 0.1]))]
-        shapes.append({"label": ROI_LABEL, "points": pts, "group_id": None, "shape_type": "rectangle",
-                       "flags": {}})
+        shapes.append({"label": ROI_LABEL, "points": pts, "group_id": None, "shape_type": "rectangle", "flags": {}})
     elif row.json_kind == "other":  # a stray annotation that is not the ROI
         fc = view.to_image(view.foramina[3].centre)
-        shapes.append({"label": "C5-6 foramen", "points": [[round(float(fc[0]), 2), round(float(fc[1]), 2)]],
-                       "group_id": None, "shape_type": "point", "flags": {}})
-    return {"version": "5.0.1", "flags": {}, "shapes": shapes, "imagePath": f"..\\datasets-PNG\\{row.file_id}.png",
-            "imageData": None, "imageHeight": view.height, "imageWidth": view.width}
+        shapes.append(
+            {
+                "label": "C5-6 foramen",
+                "points": [[round(float(fc[0]), 2), round(float(fc[1]), 2)]],
+                "group_id": None,
+                "shape_type": "point",
+                "flags": {},
+            }
+        )
+    return {
+        "version": "5.0.1",
+        "flags": {},
+        "shapes": shapes,
+        "imagePath": f"..\\datasets-PNG\\{row.file_id}.png",
+        "imageData": None,
+        "imageHeight": view.height,
+        "imageWidth": view.width,
+    }
 
 
 def _annotator_rect(view: ObliqueView, rng: np.random.Generator) -> tuple[float, float, float, float]:
@@ -736,6 +816,7 @@ def write_sheet(path: Path, rows: Sequence[ObliqueRow], levels: Sequence[str], m
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ImageInfo:
@@ -776,12 +857,19 @@ def _info(row: ObliqueRow, view: ObliqueView, rect: tuple[float, float, float, f
         return tuple((float(x), float(y)) for x, y in view.to_image(a))
 
     return ImageInfo(
-        file_id=row.file_id, number=row.number, patient=row.patient, view=row.view, label=row.label,
+        file_id=row.file_id,
+        number=row.number,
+        patient=row.patient,
+        view=row.view,
+        label=row.label,
         severity=max(f.severity for f in view.foramina),
         level_severity=tuple(f.severity for f in view.foramina),
         foramen_area_ratio=tuple(f.area_ratio for f in view.foramina),
-        width=view.width, height=view.height, box=view.image_box,
-        rect=rect if row.annotated else None, json_kind=row.json_kind,
+        width=view.width,
+        height=view.height,
+        box=view.image_box,
+        rect=rect if row.annotated else None,
+        json_kind=row.json_kind,
         foramen_centres=pts(np.array([f.centre for f in view.foramina])),
         body_centres=pts(sp.corners.mean(axis=1)),
         pedicle_centres=pts(np.array([_pedicle_centre(sp, i) for i in range(6)])),
@@ -789,17 +877,26 @@ def _info(row: ObliqueRow, view: ObliqueView, rect: tuple[float, float, float, f
     )
 
 
-def describe_oblique(n: int = 200, seed: int = 0, positive_fraction: float = 0.35,
-                     annotated_fraction: float = 0.5) -> list[ImageInfo]:
+def describe_oblique(
+    n: int = 200, seed: int = 0, positive_fraction: float = 0.35, annotated_fraction: float = 0.5
+) -> list[ImageInfo]:
     """Ground truth of the images `synthesize_oblique` writes with the same arguments (no rendering)."""
     _validate(n, seed, positive_fraction, annotated_fraction)
-    return [_info(row, view, rect)
-            for _, _, row, view, rect, _ in _views(int(n), int(seed), float(positive_fraction),
-                                                   float(annotated_fraction)) if row.has_image]
+    return [
+        _info(row, view, rect)
+        for _, _, row, view, rect, _ in _views(int(n), int(seed), float(positive_fraction), float(annotated_fraction))
+        if row.has_image
+    ]
 
 
-def synthesize_oblique(out: Path, n: int = 200, seed: int = 0, positive_fraction: float = 0.35,
-                       annotated_fraction: float = 0.5, progress: bool = False) -> SynthResult:
+def synthesize_oblique(
+    out: Path,
+    n: int = 200,
+    seed: int = 0,
+    positive_fraction: float = 0.35,
+    annotated_fraction: float = 0.5,
+    progress: bool = False,
+) -> SynthResult:
     """Write a synthetic oblique-view data set of `n` images under `out` (docs/stenosis-data.md).
 
     About `positive_fraction` of the images show foraminal stenosis (exactly round(fraction * n), at
@@ -847,5 +944,6 @@ def synthesize_oblique(out: Path, n: int = 200, seed: int = 0, positive_fraction
             bar.close()
     write_sheet(out / "datasets.xlsx", rows, levels, mms)
     n_normal = sum(1 for r in img_rows if r.label == 0)
-    return SynthResult(root=out, n_images=n, n_rows=len(rows), n_healthy=n_normal,
-                       n_patients=len({r.patient for r in rows}))
+    return SynthResult(
+        root=out, n_images=n, n_rows=len(rows), n_healthy=n_normal, n_patients=len({r.patient for r in rows})
+    )

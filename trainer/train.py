@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
+from screener.engine.metrics import roc_auc
 from screener.logs import get_logger
 from trainer.data import PreparedDataset
-from trainer.metrics import roc_auc
 
 log = get_logger(__name__)
 # Progress bars redraw often on a terminal, rarely when stderr goes to a file (CI logs).
@@ -92,14 +92,16 @@ def class_weights(labels: np.ndarray) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_proba(model: nn.Module, dataset: PreparedDataset, device: torch.device,
-                  batch_size: int = 32, progress: bool = False) -> np.ndarray:
+def predict_proba(
+    model: nn.Module, dataset: PreparedDataset, device: torch.device, batch_size: int = 32, progress: bool = False
+) -> np.ndarray:
     """Probability of the positive class for every item of a dataset (no augmentation)."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out: list[np.ndarray] = []
-    for x, _ in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False,
-                     mininterval=_TQDM_INTERVAL):
+    for x, _ in tqdm(
+        loader, desc="predict", unit="batch", disable=not progress, leave=False, mininterval=_TQDM_INTERVAL
+    ):
         logits = model(x.to(device))
         out.append(torch.softmax(logits.float(), dim=1)[:, -1].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -111,8 +113,16 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
 
-def train(model: nn.Module, train_ds: PreparedDataset, val_ds: PreparedDataset, cfg: TrainConfig,
-          work_dir: Path, device: torch.device, resume: bool = True, progress: bool = True) -> TrainResult:
+def train(
+    model: nn.Module,
+    train_ds: PreparedDataset,
+    val_ds: PreparedDataset,
+    cfg: TrainConfig,
+    work_dir: Path,
+    device: torch.device,
+    resume: bool = True,
+    progress: bool = True,
+) -> TrainResult:
     """Train with early stopping on validation AUROC.
 
     Files in `work_dir`: ``last.pt`` (everything needed to resume) and ``best.pt``
@@ -129,8 +139,9 @@ def train(model: nn.Module, train_ds: PreparedDataset, val_ds: PreparedDataset, 
     sampler = None
     if cfg.balance == "oversample":
         per_item = class_weights(labels).numpy()[labels]
-        sampler = WeightedRandomSampler(torch.tensor(per_item, dtype=torch.double), len(labels),
-                                        generator=torch.Generator().manual_seed(cfg.seed))
+        sampler = WeightedRandomSampler(
+            torch.tensor(per_item, dtype=torch.double), len(labels), generator=torch.Generator().manual_seed(cfg.seed)
+        )
 
     start_epoch, best_auc, best_epoch, history, bad_epochs = 0, -math.inf, -1, [], 0
     last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
@@ -158,11 +169,24 @@ def train(model: nn.Module, train_ds: PreparedDataset, val_ds: PreparedDataset, 
         model.train()
         train_ds.epoch = epoch
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                            generator=gen, num_workers=cfg.num_workers, drop_last=len(train_ds) > cfg.batch_size)
+        loader = DataLoader(
+            train_ds,
+            batch_size=cfg.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            generator=gen,
+            num_workers=cfg.num_workers,
+            drop_last=len(train_ds) > cfg.batch_size,
+        )
         total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False,
-                   mininterval=_TQDM_INTERVAL)
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+            mininterval=_TQDM_INTERVAL,
+        )
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
@@ -176,8 +200,12 @@ def train(model: nn.Module, train_ds: PreparedDataset, val_ds: PreparedDataset, 
         p_val = predict_proba(model, val_ds, device)
         val_auc = roc_auc(val_ds.labels, p_val)
         val_auc = float(val_auc) if not math.isnan(val_auc) else 0.0
-        row = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "val_auroc": val_auc,
-               "lr": opt.param_groups[0]["lr"]}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(n, 1),
+            "val_auroc": val_auc,
+            "lr": opt.param_groups[0]["lr"],
+        }
         history.append(row)
         improved = val_auc > best_auc
         if improved:
@@ -185,9 +213,20 @@ def train(model: nn.Module, train_ds: PreparedDataset, val_ds: PreparedDataset, 
             torch.save(model.state_dict(), best_path)
         else:
             bad_epochs += 1
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "epoch": epoch, "best_auc": best_auc, "best_epoch": best_epoch, "history": history,
-                    "bad_epochs": bad_epochs, "config": cfg.to_dict()}, last_path)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": epoch,
+                "best_auc": best_auc,
+                "best_epoch": best_epoch,
+                "history": history,
+                "bad_epochs": bad_epochs,
+                "config": cfg.to_dict(),
+            },
+            last_path,
+        )
         msg = f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, val AUROC {val_auc:.4f}"
         if progress:
             tqdm.write(msg + (" (best)" if improved else ""))
@@ -196,5 +235,12 @@ def train(model: nn.Module, train_ds: PreparedDataset, val_ds: PreparedDataset, 
         stopped = False
     if best_path.is_file():
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
-    return TrainResult(best_epoch, float(best_auc if best_auc > -math.inf else float("nan")), len(history),
-                       stopped, history, time.perf_counter() - t0, str(device))
+    return TrainResult(
+        best_epoch,
+        float(best_auc if best_auc > -math.inf else float("nan")),
+        len(history),
+        stopped,
+        history,
+        time.perf_counter() - t0,
+        str(device),
+    )

@@ -1,0 +1,276 @@
+"""Load an engine folder and run it: the node's side of ``trainer/export.py``.
+
+``load_engine(folder, requested)`` reads and verifies the manifest (schema and the
+SHA-256 of every kept backend file), picks a backend with ``choose_backend`` and
+returns a runtime whose ``predict`` maps a float32 (N, 3, S, S) batch to the
+engine's outputs, batch axis first ((N,) probabilities, an (N, 4) box, ...).
+
+onnxruntime is imported when an ONNX engine is opened; torch and torch_tensorrt only
+when a TensorRT engine is considered, so a CPU node never pays for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from screener.engine import manifest as manifest_mod
+from screener.engine.manifest import Backend, Manifest
+from screener.errors import ManifestError, UserError
+
+REQUESTS = ("auto", "tensorrt", "onnx-int8", "onnx-fp32")
+DEFAULT_MAX_BATCH = 32
+TENSORRT_HINT = "TensorRT backend needs CUDA and the tensorrt extra: pip install '.[tensorrt]'"
+
+
+@runtime_checkable
+class EngineRuntime(Protocol):
+    """What the node needs from a loaded engine."""
+
+    name: str
+    backend: str
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, S, S) -> outputs with the batch axis first."""
+        ...
+
+
+def _as_batch(batch: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(batch, dtype=np.float32)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(f"expected a (N, C, H, W) batch, got shape {x.shape}")
+    return x
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+
+class OnnxRuntimeEngine:
+    """An ONNX file on ONNX Runtime: CUDA EP first when this onnxruntime build has it, else CPU."""
+
+    def __init__(
+        self,
+        path: Path,
+        threads: int | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        name: str | None = None,
+        backend: str = "onnx",
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        self.backend = backend
+        self.max_batch = max(1, int(max_batch))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.intra_op_num_threads = int(threads) if threads else 0  # 0: ORT's default, one per physical core
+        opts.log_severity_level = 3
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ManifestError(f"{self.path}: ONNX Runtime cannot load the engine ({exc})") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name: str = inp.name
+        self.input_shape: list[Any] = list(inp.shape)
+        out = self.session.get_outputs()[0]
+        self.output_name: str = out.name
+        self.output_shape: list[Any] = list(out.shape)
+        self.providers: list[str] = self.session.get_providers()
+
+    def _check(self, x: np.ndarray) -> None:
+        for axis, (want, got) in enumerate(zip(self.input_shape[1:], x.shape[1:]), start=1):
+            if isinstance(want, int) and want != got:
+                raise ValueError(
+                    f"engine {self.name} expects input shape {self.input_shape}, got {list(x.shape)} (axis {axis})"
+                )
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Run in chunks of at most `max_batch`; returns float32 outputs, batch axis first."""
+        x = _as_batch(batch)
+        self._check(x)
+        if len(x) == 0:
+            tail = [d if isinstance(d, int) else 0 for d in self.output_shape[1:]]
+            return np.zeros((0, *tail), np.float32)
+        outs = [
+            self.session.run([self.output_name], {self.input_name: x[i : i + self.max_batch]})[0]
+            for i in range(0, len(x), self.max_batch)
+        ]
+        return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """(True, "") when CUDA and torch_tensorrt can be used here; else (False, why not)."""
+    try:
+        import torch
+    except Exception as exc:  # noqa: BLE001
+        return False, f"torch is not importable ({exc.__class__.__name__})"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (TensorRT needs an NVIDIA GPU)"
+    try:
+        importlib.import_module("torch_tensorrt")
+    except Exception as exc:  # noqa: BLE001 - missing or broken install: same answer
+        return False, f"torch_tensorrt is not installed ({exc.__class__.__name__}: {exc})"
+    return True, ""
+
+
+class TensorRTEngine:
+    """A Torch-TensorRT program saved by ``trainer.export.export_tensorrt``, run on CUDA in fp16."""
+
+    def __init__(
+        self, path: Path, max_batch: int = DEFAULT_MAX_BATCH, name: str | None = None, backend: str = "tensorrt"
+    ) -> None:
+        ok, why = tensorrt_available()
+        if not ok:
+            raise ManifestError(f"{TENSORRT_HINT} ({why})")
+        import torch
+
+        importlib.import_module("torch_tensorrt")  # registers the TensorRT ops before loading
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        self.backend = backend
+        self.max_batch = max(1, int(max_batch))
+        self._torch = torch
+        self._device = torch.device("cuda")
+        self.module = self._load(self.path)
+
+    def _load(self, path: Path) -> Any:
+        """ExportedProgram (``torch_tensorrt.save`` default) or TorchScript, by suffix then by trying."""
+        loaders = [self._load_exported, self._load_script]
+        if path.suffix in (".ts", ".jit"):
+            loaders.reverse()
+        errors = []
+        for loader in loaders:
+            try:
+                return loader(path)
+            except Exception as exc:  # noqa: BLE001 - try the other format
+                errors.append(f"{exc.__class__.__name__}: {exc}")
+        raise ManifestError(f"{path}: not a loadable TensorRT program ({'; '.join(errors)})")
+
+    def _load_exported(self, path: Path) -> Any:
+        return self._torch.export.load(str(path)).module()
+
+    def _load_script(self, path: Path) -> Any:
+        return self._torch.jit.load(str(path), map_location=self._device).eval()
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, S, S) -> float32 outputs on the host, in chunks of `max_batch`."""
+        torch = self._torch
+        x = _as_batch(batch)
+        outs = []
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+            for i in range(0, len(x), self.max_batch):
+                chunk = torch.from_numpy(x[i : i + self.max_batch]).to(self._device)
+                out = self.module(chunk)
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                outs.append(out.float().cpu().numpy())
+        if not outs:
+            return np.zeros((0,), np.float32)
+        return np.concatenate(outs, axis=0)
+
+
+# --------------------------------------------------------------------------- choice and loading
+
+
+def _find(manifest: Manifest, requested: str) -> Backend | None:
+    """The backend named `requested`, or for "tensorrt" any "tensorrt-*" backend (e.g. tensorrt-fp16)."""
+    exact = manifest.backend(requested)
+    if exact is not None:
+        return exact
+    return next((b for b in manifest.backends if b.name.startswith(requested + "-")), None)
+
+
+def _usable(backend: Backend | None) -> bool:
+    return backend is not None and backend.kept
+
+
+def choose_backend(manifest: Manifest, requested: str = "auto") -> Backend:
+    """Pick the backend to run.
+
+    ``auto``: TensorRT when CUDA and torch_tensorrt are usable and the manifest kept a TensorRT
+    backend; else onnx-int8 if kept; else onnx-fp32. An explicit request for a backend the
+    manifest lacks, did not keep, or (TensorRT) that cannot run here raises ManifestError.
+    """
+    if requested not in REQUESTS:
+        raise UserError(f"unknown backend {requested!r}; choose one of {', '.join(REQUESTS)}")
+    if requested == "auto":
+        trt = _find(manifest, "tensorrt")
+        if _usable(trt) and tensorrt_available()[0]:
+            return trt  # type: ignore[return-value]
+        for name in ("onnx-int8", "onnx-fp32"):
+            b = manifest.backend(name)
+            if _usable(b):
+                return b  # type: ignore[return-value]
+        names = ", ".join(f"{b.name}{'' if b.kept else ' (not kept)'}" for b in manifest.backends)
+        raise ManifestError(f"{manifest.task} engine has no usable backend (listed: {names})")
+    chosen = _find(manifest, requested)
+    if chosen is None:
+        names = ", ".join(b.name for b in manifest.backends)
+        raise ManifestError(f"{manifest.task} engine has no {requested} backend (it has: {names})")
+    if not chosen.kept:
+        why = f": {chosen.note}" if chosen.note else ""
+        raise ManifestError(f"{manifest.task} engine's {chosen.name} backend was built but not kept{why}")
+    if requested == "tensorrt":
+        ok, reason = tensorrt_available()
+        if not ok:
+            raise ManifestError(f"{manifest.task} engine: {TENSORRT_HINT} ({reason})")
+    return chosen
+
+
+@dataclass
+class LoadedEngine:
+    """A verified engine folder and its running backend."""
+
+    manifest: Manifest
+    backend: Backend
+    runtime: EngineRuntime
+    folder: Path | None = None
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.runtime.predict(batch)
+
+
+def open_runtime(
+    folder: Path, manifest: Manifest, backend: Backend, threads: int | None = None, max_batch: int = DEFAULT_MAX_BATCH
+) -> EngineRuntime:
+    """Instantiate the runtime for one backend record of `manifest`."""
+    path = Path(folder) / backend.file
+    name = f"{manifest.task}:{backend.name}"
+    if backend.name.startswith("tensorrt"):
+        return TensorRTEngine(path, max_batch=max_batch, name=name, backend=backend.name)
+    if backend.name.startswith("onnx"):
+        return OnnxRuntimeEngine(path, threads=threads, max_batch=max_batch, name=name, backend=backend.name)
+    raise ManifestError(f"{path}: unknown backend kind {backend.name!r}")
+
+
+def load_engine(
+    folder: Path, requested: str = "auto", threads: int | None = None, max_batch: int = DEFAULT_MAX_BATCH
+) -> LoadedEngine:
+    """Load and verify ``folder/manifest.json`` (SHA-256 of every kept file), then open a backend."""
+    folder = Path(folder)
+    man = manifest_mod.load(folder, verify=True)
+    backend = choose_backend(man, requested)
+    runtime = open_runtime(folder, man, backend, threads=threads, max_batch=max_batch)
+    return LoadedEngine(man, backend, runtime, folder)
+
+
+def default_threads() -> int:
+    """All CPUs this process may use (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1

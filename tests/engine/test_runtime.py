@@ -1,0 +1,196 @@
+"""screener.engine.runtime: load a verified engine folder, pick a backend, predict."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from screener.engine import manifest as mf
+from screener.engine import runtime
+from screener.engine.preprocessing import Normalization, recipe
+from screener.errors import ManifestError, UserError
+from trainer import export
+from trainer.model import ProbabilityHead
+
+SIZE = 32
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, 2),
+        )
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def make_manifest(backends: list[mf.Backend]) -> mf.Manifest:
+    return mf.Manifest(
+        task="spondylosis",
+        version="test-1",
+        created="2025-01-01T00:00:00+00:00",
+        kind="classifier",
+        input_size=SIZE,
+        input_name="image",
+        output_name="probability",
+        preprocessing=recipe("original", SIZE),
+        normalization=Normalization(),
+        class_names=["healthy", "spondylosis"],
+        threshold=mf.Threshold(0.5, "fixed"),
+        metrics={},
+        data={},
+        training={},
+        backends=backends,
+        demo=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def head():
+    return ProbabilityHead(TinyNet()).eval()
+
+
+@pytest.fixture(scope="module")
+def engine_folder(tmp_path_factory, head):
+    folder = tmp_path_factory.mktemp("engine") / "spondylosis"
+    fp32 = export.export_onnx(head, folder / "model.onnx", SIZE)
+    int8 = export.quantize_int8(fp32, folder / "model.int8.onnx", images(16, seed=1))
+    mf.write(
+        make_manifest(
+            [
+                export.backend_record("onnx-fp32", fp32, folder, "fp32"),
+                export.backend_record("onnx-int8", int8, folder, "int8", kept=True),
+            ]
+        ),
+        folder,
+    )
+    return folder
+
+
+@pytest.fixture
+def copy_folder(engine_folder, tmp_path):
+    dst = tmp_path / "spondylosis"
+    shutil.copytree(engine_folder, dst)
+    return dst
+
+
+def with_int8_kept(folder, kept: bool) -> None:
+    man = mf.load(folder, verify=False)
+    backends = [dataclasses.replace(b, kept=kept) if b.name == "onnx-int8" else b for b in man.backends]
+    mf.write(dataclasses.replace(man, backends=backends), folder)
+
+
+def _no_tensorrt() -> bool:
+    return not runtime.tensorrt_available()[0]
+
+
+needs_no_tensorrt = pytest.mark.skipif(not _no_tensorrt(), reason="this host can run TensorRT")
+
+
+def test_load_engine_auto_uses_int8(engine_folder, head):
+    loaded = runtime.load_engine(engine_folder)
+    assert loaded.backend.name == "onnx-int8"
+    assert loaded.runtime.backend == "onnx-int8" and isinstance(loaded.runtime, runtime.EngineRuntime)
+    assert loaded.manifest.task == "spondylosis"
+    out = loaded.predict(images(5, seed=2))
+    assert out.shape == (5,) and out.dtype == np.float32
+    assert np.all((out >= 0) & (out <= 1))
+
+
+def test_load_engine_fp32_matches_torch(engine_folder, head):
+    loaded = runtime.load_engine(engine_folder, "onnx-fp32", threads=1)
+    x = images(5, seed=3)
+    with torch.inference_mode():
+        ref = head(torch.from_numpy(x)).numpy()
+    assert np.max(np.abs(loaded.predict(x) - ref)) < 1e-4
+    assert loaded.runtime.providers[-1] == "CPUExecutionProvider"
+
+
+def test_predict_chunks_and_single_image(engine_folder):
+    path = engine_folder / "model.onnx"
+    small = runtime.OnnxRuntimeEngine(path, max_batch=2)
+    big = runtime.OnnxRuntimeEngine(path)
+    x = images(5, seed=4)
+    assert np.allclose(small.predict(x), big.predict(x), atol=1e-6)
+    assert big.predict(x[0]).shape == (1,)
+    assert big.predict(x[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="expects input shape"):
+        big.predict(np.zeros((1, 3, SIZE + 1, SIZE), np.float32))
+
+
+def test_auto_falls_back_to_fp32_when_int8_not_kept(copy_folder):
+    with_int8_kept(copy_folder, False)
+    (copy_folder / "model.int8.onnx").unlink()  # an unkept file is not verified or needed
+    loaded = runtime.load_engine(copy_folder)
+    assert loaded.backend.name == "onnx-fp32"
+    with pytest.raises(ManifestError, match="not kept"):
+        runtime.load_engine(copy_folder, "onnx-int8")
+
+
+def test_choose_backend_rules():
+    fp32 = mf.Backend("onnx-fp32", "model.onnx", "0" * 64, "fp32")
+    int8 = mf.Backend("onnx-int8", "model.int8.onnx", "1" * 64, "int8", kept=False, note="lost AUROC")
+    man = make_manifest([fp32, int8])
+    assert runtime.choose_backend(man, "auto").name == "onnx-fp32"
+    assert runtime.choose_backend(man, "onnx-fp32") is fp32
+    with pytest.raises(ManifestError, match="not kept: lost AUROC"):
+        runtime.choose_backend(man, "onnx-int8")
+    kept = make_manifest([fp32, dataclasses.replace(int8, kept=True)])
+    assert runtime.choose_backend(kept, "auto").name == "onnx-int8"
+    with pytest.raises(ManifestError, match="no tensorrt backend"):
+        runtime.choose_backend(kept, "tensorrt")
+    with pytest.raises(ManifestError, match="no onnx-int8 backend"):
+        runtime.choose_backend(make_manifest([fp32]), "onnx-int8")
+    with pytest.raises(UserError, match="unknown backend"):
+        runtime.choose_backend(kept, "openvino")
+
+
+@needs_no_tensorrt
+def test_tensorrt_without_cuda():
+    fp32 = mf.Backend("onnx-fp32", "model.onnx", "0" * 64, "fp32")
+    trt = mf.Backend("tensorrt-fp16", "model.trt.ep", "2" * 64, "fp16")
+    man = make_manifest([fp32, trt])
+    assert runtime.choose_backend(man, "auto").name == "onnx-fp32"
+    with pytest.raises(ManifestError, match=r"needs CUDA.*pip install"):
+        runtime.choose_backend(man, "tensorrt")
+
+
+def test_tampered_file_is_rejected(copy_folder):
+    f = copy_folder / "model.int8.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="SHA-256"):
+        runtime.load_engine(copy_folder)
+
+
+def test_missing_file_is_rejected(copy_folder):
+    (copy_folder / "model.onnx").unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        runtime.load_engine(copy_folder, "onnx-int8")
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(ManifestError, match="manifest not found"):
+        runtime.load_engine(tmp_path)
