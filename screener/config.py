@@ -102,6 +102,17 @@ class RoutingRule:
 
 
 @dataclass(frozen=True)
+class ReportSettings:
+    # Optional objects for viewers that cannot render SR, per screened image, in addition to the SR:
+    # none | secondary-capture (burned-in box and text) | gsps (a presentation state that draws them).
+    companion: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.companion not in ("none", "secondary-capture", "gsps"):
+            raise ConfigError(f"report.companion: expected none|secondary-capture|gsps, got {self.companion!r}")
+
+
+@dataclass(frozen=True)
 class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     node: NodeSettings = field(default_factory=NodeSettings)
@@ -110,6 +121,7 @@ class Settings:
     destinations: list[Destination] = field(default_factory=list)
     routing: list[RoutingRule] = field(default_factory=list)
     sr_folder: str = ""
+    report: ReportSettings = field(default_factory=ReportSettings)
 
 
 def _type_name(tp: Any) -> str:

@@ -248,6 +248,7 @@ class Node:
         atomic_write(self.var / rel, data)
         if self.settings.sr_folder:
             atomic_write(Path(self.settings.sr_folder) / f"{sr_uid}.dcm", data)
+        companions = self._write_companions(outcomes, sr, rel.parent)  # [report] companion; [] by default
         if not self.store.set_study_state(
             study_uid, "reported", "", expect=("screening",), sr_path=str(rel), sr_sop_instance_uid=sr_uid
         ):
@@ -258,7 +259,24 @@ class Node:
                 self.store.set_instance_state(out.sop_instance_uid, "reported", "")
         for d in self.settings.destinations:
             self.store.enqueue(study_uid, f"{d.ae_title}@{d.host}:{d.port}", str(rel))
+            for extra in companions:  # after the SR: the SR is the result, companions only echo it
+                self.store.enqueue(study_uid, f"{d.ae_title}@{d.host}:{d.port}", str(extra))
         log.info("sr_written", study_uid=study_uid, sr_uid=sr_uid, findings=sum(len(o.results) for o in outcomes))
+
+    def _write_companions(self, outcomes: list[ImageOutcome], sr, folder: Path) -> list[Path]:
+        """Secondary Capture / GSPS companions of the SR (issue 14), written next to it; relative paths."""
+        kind = self.settings.report.companion
+        if kind == "none":
+            return []
+        from screener.dicom.companion import companion_files
+
+        sources = {o.sop_instance_uid: o.path for o in outcomes if o.results}
+        files = companion_files(kind, findings_for(outcomes, self.engines), sr, sources, software_version=__version__)
+        for name, blob in files:
+            atomic_write(self.var / folder / name, blob)
+            if self.settings.sr_folder:
+                atomic_write(Path(self.settings.sr_folder) / name, blob)
+        return [folder / name for name, _ in files]
 
     def send_due(self) -> int:
         from screener.dicom.sender import send_file

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -33,6 +34,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from screener.dicom.sr import Finding, derive_uid, finding_tracking_uid
+from screener.logs import get_logger
+
+log = get_logger(__name__)
 
 COMPANION_KINDS = ("none", "secondary-capture", "gsps")
 SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
@@ -155,6 +159,7 @@ def secondary_capture(
     sc.ManufacturerModelName = "cspine-screener"
     sc.SeriesDate = sc.ContentDate = sc.InstanceCreationDate = when.strftime("%Y%m%d")
     sc.SeriesTime = sc.ContentTime = sc.InstanceCreationTime = when.strftime("%H%M%S")
+    sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
     for item in sc.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = pydicom.valuerep.DT(when)
@@ -302,3 +307,41 @@ def companion_to_bytes(ds: pydicom.Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def read_gray8(path: str | Path) -> np.ndarray:
+    """The source image as the node decodes it (first frame, 8-bit, windowed)."""
+    from screener.dicom.image import dataset_to_gray8
+
+    return dataset_to_gray8(pydicom.dcmread(str(path)))
+
+
+def companion_files(
+    kind: str,
+    findings: Sequence[Finding],
+    sr: pydicom.Dataset,
+    sources: Mapping[str, str | Path],
+    *,
+    software_version: str,
+) -> list[tuple[str, bytes]]:
+    """(file name, Part 10 bytes) of the study's companions, for the node and replay to write and queue.
+
+    `sources` maps each source SOP Instance UID to its file (re-read for the pixels of a Secondary
+    Capture). Never raises: the SR is the result, a companion that cannot be built is logged and
+    left out.
+    """
+    if kind == "none" or not findings:
+        return []
+    try:
+        companions = build_companions(
+            kind,
+            findings,
+            sr,
+            pixels=lambda header: read_gray8(sources[str(header.SOPInstanceUID)]),
+            software_version=software_version,
+        )
+        prefix = "sc" if kind == "secondary-capture" else "gsps"
+        return [(f"{prefix}-{c.dataset.SOPInstanceUID}.dcm", companion_to_bytes(c.dataset)) for c in companions]
+    except Exception as exc:  # noqa: BLE001 - untrusted pixels must not cost the SR
+        log.warning("companion_not_built", kind=kind, sr_uid=str(sr.SOPInstanceUID), error=exc.__class__.__name__)
+        return []

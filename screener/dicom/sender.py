@@ -32,6 +32,9 @@ def send_file(
     ae.maximum_pdu_size = 0
     for sop in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
         ae.add_requested_context(sop, TRANSFER_SYNTAXES)
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class and sop_class not in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
+        ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)  # a companion (SC / GSPS, issue 14)
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     except Exception as exc:  # noqa: BLE001
@@ -40,7 +43,11 @@ def send_file(
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
         return False, f"association to {dest.ae_title}@{dest.host}:{dest.port} {reason}"
     accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-    if Comprehensive3DSRStorage not in accepted and ComprehensiveSRStorage in accepted:
+    if (
+        sop_class == Comprehensive3DSRStorage
+        and Comprehensive3DSRStorage not in accepted
+        and ComprehensiveSRStorage in accepted
+    ):
         # A PACS without Comprehensive 3D SR: the same content is a valid Comprehensive SR (only 2-D SCOORDs).
         ds.SOPClassUID = ComprehensiveSRStorage
         if "file_meta" in ds:
