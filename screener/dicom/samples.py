@@ -8,8 +8,8 @@
   device UID for the default AE title), from fixed engine results: fake engine manifests with
   fixed versions and thresholds and fixed probabilities and ROI boxes (no engine runs, so the
   bytes are stable);
-- ``sr-dsrdump.txt`` and ``sr.html``: DCMTK's ``dsrdump`` and ``dsr2html`` renderings (when
-  DCMTK is installed);
+- ``sr-dsrdump.txt``, ``sr.html`` and ``sr-dcmdump.txt``: DCMTK's ``dsrdump`` and ``dsr2html``
+  renderings of the content tree and ``dcmdump`` of the whole object (when DCMTK is installed);
 - ``companion/``: the Secondary Capture images and GSPS objects of ``[report] companion``
   for the same SR, and ``sc-*.png`` renderings of the Secondary Capture pixels.
 
@@ -213,7 +213,7 @@ def _run(cmd: list[str], out: Path) -> bool:
     if proc.returncode != 0:
         print(f"{' '.join(cmd[:1])} failed: {proc.stderr.strip()}", file=sys.stderr)
         return False
-    if cmd[0] == "dsrdump":
+    if cmd[0] in ("dsrdump", "dcmdump"):
         out.write_text(proc.stdout, encoding="utf-8")
     return True
 
@@ -256,6 +256,8 @@ def write_samples(out: Path = DEFAULT_OUT, renderings: bool = True) -> list[Path
             written.append(out / "sr-dsrdump.txt")
         if _run(["dsr2html", str(sr_path), str(out / "sr.html")], out / "sr.html"):
             written.append(out / "sr.html")
+        if _run(["dcmdump", str(sr_path)], out / "sr-dcmdump.txt"):  # the header: flags, equipment, codes
+            written.append(out / "sr-dcmdump.txt")
     return written
 
 
