@@ -320,3 +320,67 @@ def test_orthanc_forwards_study_and_receives_sr(tmp_path, built):
         path = tmp_path / "sr-from-orthanc.dcm"
         path.write_bytes(raw)
         assert dciodvfy_errors(path) == []
+
+
+@needs_orthanc
+def test_orthanc_stores_and_renders_the_companions(tmp_path):
+    """Issue 14: the node's sender stores the SR and both kinds of companion in Orthanc, in the source
+    study; Orthanc renders the Secondary Capture (GET /instances/{id}/preview). The PNG is kept as
+    docs/samples/companion-orthanc-preview.png."""
+    import cv2
+    import numpy as np
+
+    from screener.dicom import samples
+    from screener.dicom.companion import (
+        GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE,
+        SECONDARY_CAPTURE_IMAGE_STORAGE,
+        build_companions,
+        companion_to_bytes,
+    )
+    from screener.dicom.image import dataset_to_gray8
+    from screener.dicom.sender import send_file
+    from screener.dicom.sr import sr_to_bytes
+
+    images = samples.sample_images()
+    findings = samples.sample_findings(images, samples.sample_engines())
+    sr = samples.build_sample_sr(findings)
+    gray = {str(ds.SOPInstanceUID): dataset_to_gray8(ds) for ds in images}
+    right = findings[2]  # the oblique with a box and a positive call
+    (sc,) = build_companions("secondary-capture", [right], sr, pixels=gray, software_version="0.1.0")
+    (gsps,) = build_companions("gsps", [right], sr, software_version="0.1.0")
+    files = {
+        "sr": (sr_to_bytes(sr), str(sr.SOPInstanceUID)),
+        "sc": (companion_to_bytes(sc.dataset), str(sc.dataset.SOPInstanceUID)),
+        "gsps": (companion_to_bytes(gsps.dataset), str(gsps.dataset.SOPInstanceUID)),
+    }
+
+    # Nothing listens on the "cspine" port: Orthanc's forward of the uploaded image simply fails.
+    orthanc = Orthanc(tmp_path / "orthanc", cspine_port=free_port())
+    try:
+        orthanc.start()
+        study_id = orthanc.upload(images[2])["ParentStudy"]
+        destination = config.Destination("ORTHANC", "127.0.0.1", orthanc.dicom_port)
+        for name, (blob, _uid) in files.items():
+            path = tmp_path / f"{name}.dcm"
+            path.write_bytes(blob)
+            ok, error = send_file(path, destination, "CSPINE", timeout_s=20)  # the node's own C-STORE
+            assert ok, f"{name}: {error}\n{orthanc.log_tail()}"
+        instances = orthanc.get(f"/studies/{study_id}/instances?expand")
+        by_uid = {i["MainDicomTags"]["SOPInstanceUID"]: i for i in instances}
+        for name, (_blob, uid) in files.items():
+            assert uid in by_uid, f"{name} not in the source study in Orthanc"
+        sc_id = by_uid[files["sc"][1]]["ID"]
+        tags = orthanc.get(f"/instances/{sc_id}/simplified-tags")
+        assert tags["SOPClassUID"] == SECONDARY_CAPTURE_IMAGE_STORAGE and tags["BurnedInAnnotation"] == "YES"
+        gsps_tags = orthanc.get(f"/instances/{by_uid[files['gsps'][1]]['ID']}/simplified-tags")
+        assert gsps_tags["SOPClassUID"] == GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE
+        png = orthanc.get(f"/instances/{sc_id}/preview", raw=True)
+    finally:
+        orthanc.stop()
+
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    burned = np.frombuffer(sc.dataset.PixelData, np.uint8).reshape(int(sc.dataset.Rows), int(sc.dataset.Columns))
+    assert shown.shape == burned.shape
+    assert float(np.abs(shown.astype(int) - burned.astype(int)).mean()) < 2.0  # Orthanc shows what was burned in
+    (ROOT / "docs" / "samples" / "companion-orthanc-preview.png").write_bytes(png)
