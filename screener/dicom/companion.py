@@ -31,7 +31,9 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import DA, DT, TM
 
 from screener.dicom.sr import Finding, derive_uid, finding_tracking_uid
 from screener.logs import get_logger
@@ -145,9 +147,11 @@ def secondary_capture(
         sop_instance_uid=derive_uid("cspine-companion-sc", sr_uid, str(source.SOPInstanceUID)),
         instance_number=instance_number,
         manufacturer=manufacturer,
-        patient_orientation=tuple(source.get("PatientOrientation") or ("", "")),  # type: ignore[arg-type]
+        patient_orientation=("A", "F"),  # placeholder: highdicom takes single letters only; replaced below
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
+    # The source's own value (may be compound, e.g. "AL"), or empty (type 2) when it has none.
+    sc.PatientOrientation = list(source.get("PatientOrientation") or [])
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
     sc.BodyPartExamined = source.get("BodyPartExamined") or "CSPINE"  # unpaired: no Laterality (2C)
     sc.BurnedInAnnotation = "YES"
@@ -157,12 +161,12 @@ def secondary_capture(
     sc.ImageComments = "; ".join(finding_line(f) for f in findings)[:10240]
     sc.SoftwareVersions = software_version
     sc.ManufacturerModelName = "cspine-screener"
-    sc.SeriesDate = sc.ContentDate = sc.InstanceCreationDate = when.strftime("%Y%m%d")
-    sc.SeriesTime = sc.ContentTime = sc.InstanceCreationTime = when.strftime("%H%M%S")
-    sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+    day, clock = DA(when.strftime("%Y%m%d")), TM(when.strftime("%H%M%S"))
+    sc.SeriesDate = sc.ContentDate = sc.InstanceCreationDate = sc.DateOfSecondaryCapture = day
+    sc.SeriesTime = sc.ContentTime = sc.InstanceCreationTime = sc.TimeOfSecondaryCapture = clock
     for item in sc.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
-            item.ContributionDateTime = pydicom.valuerep.DT(when)
+            item.ContributionDateTime = DT(when)
     src = pydicom.Dataset()
     src.ReferencedSOPClassUID = source.SOPClassUID
     src.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -176,7 +180,7 @@ def secondary_capture(
     return sc
 
 
-def _code_item(code: pydicom.sr.coding.Code) -> pydicom.Dataset:
+def _code_item(code: Code) -> pydicom.Dataset:
     item = pydicom.Dataset()
     item.CodeValue = code.value
     item.CodingSchemeDesignator = code.scheme_designator
@@ -251,11 +255,12 @@ def presentation_state(
     )
     gsps.SeriesDescription = GSPS_SERIES_DESCRIPTION
     gsps.BodyPartExamined = source.get("BodyPartExamined") or "CSPINE"  # unpaired: no Laterality (2C)
-    gsps.SeriesDate = gsps.PresentationCreationDate = gsps.InstanceCreationDate = when.strftime("%Y%m%d")
-    gsps.SeriesTime = gsps.PresentationCreationTime = gsps.InstanceCreationTime = when.strftime("%H%M%S")
+    day, clock = DA(when.strftime("%Y%m%d")), TM(when.strftime("%H%M%S"))
+    gsps.SeriesDate = gsps.PresentationCreationDate = gsps.InstanceCreationDate = day
+    gsps.SeriesTime = gsps.PresentationCreationTime = gsps.InstanceCreationTime = clock
     for item in gsps.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
-            item.ContributionDateTime = pydicom.valuerep.DT(when)
+            item.ContributionDateTime = DT(when)
     return gsps
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from screener import __version__
 from screener.dicom.companion import build_companions, companion_to_bytes
@@ -127,10 +127,10 @@ def sample_images() -> list[Dataset]:
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
+        ds.file_meta.MediaStorageSOPClassUID = UID(DX_FOR_PRESENTATION)
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.SOPClassUID = DX_FOR_PRESENTATION
-        ds.SOPInstanceUID = derive_uid("cspine-screener sample", "image", stem)
+        ds.SOPInstanceUID = UID(derive_uid("cspine-screener sample", "image", stem))
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.PatientName = "Sample^Synthetic"
         ds.PatientID = "SAMPLE-0001"

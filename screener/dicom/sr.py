@@ -639,9 +639,9 @@ def summarize(sr: pydicom.Dataset) -> list[dict[str, Any]]:
             elif vtype == "NUM" and concept == (CERTAINTY.value, CERTAINTY.scheme_designator):
                 row["probability"] = float(item.MeasuredValueSequence[0].NumericValue) / 100.0
             elif vtype == "CODE" and concept == _LATERALITY:
-                value = _code_value(item)[:2]
+                side = _code_value(item)[:2]
                 row["laterality"] = next(
-                    (k for k, c in LATERALITY.items() if (c.value, c.scheme_designator) == value), None
+                    (k for k, c in LATERALITY.items() if (c.value, c.scheme_designator) == side), None
                 )
             elif vtype == "CODE" and (concept in finding_codes or concept == finding_type):
                 value = _code_value(item)

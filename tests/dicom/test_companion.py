@@ -231,3 +231,18 @@ def test_sender_sends_a_companion_with_its_own_sop_class(study, tmp_path):
     finally:
         server.shutdown()
     assert received == [SECONDARY_CAPTURE_IMAGE_STORAGE, GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE]
+
+
+def test_secondary_capture_keeps_any_patient_orientation(study):
+    from dataclasses import replace
+
+    a = study.findings[0]
+    none = a.source.copy()
+    del none.PatientOrientation
+    compound = a.source.copy()
+    compound.PatientOrientation = ["AL", "F"]
+    for header, expected in ((none, []), (compound, ["AL", "F"])):
+        (c,) = build_companions(
+            "secondary-capture", [replace(a, source=header)], study.sr, pixels=study.gray, software_version="0"
+        )
+        assert list(c.dataset.PatientOrientation) == expected
