@@ -3,6 +3,7 @@ the node's writer and the sender."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 import threading
@@ -237,9 +238,9 @@ def test_secondary_capture_keeps_any_patient_orientation(study):
     from dataclasses import replace
 
     a = study.findings[0]
-    none = a.source.copy()
+    none = copy.deepcopy(a.source)
     del none.PatientOrientation
-    compound = a.source.copy()
+    compound = copy.deepcopy(a.source)
     compound.PatientOrientation = ["AL", "F"]
     for header, expected in ((none, []), (compound, ["AL", "F"])):
         (c,) = build_companions(

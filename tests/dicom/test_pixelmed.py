@@ -10,6 +10,7 @@ installation can run a single-file source program (a JDK); with a bare JRE, one 
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -155,7 +156,7 @@ def node_srs(out: Path) -> list[Path]:
 def replace_uid(header, tag: str):
     from screener.dicom.sr import derive_uid
 
-    h = header.copy()
+    h = copy.deepcopy(header)
     h.SOPInstanceUID = derive_uid("cspine-screener sample", "image", tag)
     h.InstanceNumber = 2
     return h
@@ -183,3 +184,14 @@ def test_pixelmed_reports_no_errors_on_the_node_srs(tmp_path):
     failures = {Path(p).name: problems(r) for p, r in reports.items() if problems(r)}
     assert not failures, "\n".join(f"{name}:\n  " + "\n  ".join(lines) for name, lines in failures.items())
     assert set(reports) == {str(p) for p in paths}
+
+
+def test_the_superseding_case_adds_a_distinct_image(tmp_path):
+    import pydicom
+
+    from screener.dicom.sr import summarize
+
+    paths = {p.stem: p for p in node_srs(tmp_path)}
+    mixed = {r["source_sop_instance_uid"] for r in summarize(pydicom.dcmread(paths["mixed"]))}
+    later = [r["source_sop_instance_uid"] for r in summarize(pydicom.dcmread(paths["superseding"]))]
+    assert len(later) == 4 and set(later[:3]) == mixed and later[3] not in mixed
