@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install demo-engines bench clean
+.PHONY: run test install demo-engines bench samples clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -28,6 +28,9 @@ run: $(STAMP) demo-engines
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.engines
+
+samples: $(STAMP)
+	$(BIN)/python -m screener.dicom.samples
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
