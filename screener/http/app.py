@@ -163,7 +163,8 @@ class StatusApp:
         sid, new = self._session(request, principal)
         token = self.csrf.token(sid, principal) if principal is not None else ""
         done = request.query_params.get("done", "")
-        response = self._html(pages.study_page(d, principal, self.auth.enabled, token, done))
+        label = f"{self.view.settings.node.ae_title} on {self.view.hostname} · version {self.view.version}"
+        response = self._html(pages.study_page(d, principal, self.auth.enabled, token, done, node_label=label))
         if new:
             self._set_session(response, sid)
         return response

@@ -21,16 +21,18 @@ header.top .who { color: #c9d6e6; font-size: 13px; }
 header.top .who a { color: #fff; }
 main { max-width: 1240px; margin: 0 auto; padding: 16px 22px 28px; }
 section.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 12px 16px;
-  margin: 0 0 16px; }
+  margin: 0 0 16px; overflow-x: auto; }
 h1 { font-size: 20px; margin: 4px 0 12px; }
 h2 { font-size: 15px; margin: 0 0 10px; color: #23364d; }
-.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(340px, 1fr)); gap: 16px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(340px, 1fr)); gap: 16px;
+  margin: 0 0 16px; }
 .grid > section.card { margin: 0; }
 table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line); vertical-align: top; }
 th { font-size: 12px; color: var(--muted); font-weight: 600; text-transform: uppercase; letter-spacing: .3px; }
 tr:last-child td { border-bottom: 0; }
-.uid { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, monospace; font-size: 12.5px; word-break: break-all; }
+.uid { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, monospace; font-size: 12.5px; white-space: nowrap; }
+.wrap, h1 .uid { white-space: normal; word-break: break-all; }
 .muted { color: var(--muted); }
 .small { font-size: 12px; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -67,7 +69,7 @@ dl.facts dt { color: var(--muted); }
 dl.facts dd { margin: 0; }
 svg.chart { width: 100%; max-width: 760px; height: auto; display: block; }
 svg.chart .axis { stroke: #b8c0cc; stroke-width: 1; }
-svg.chart .grid { stroke: #eceff4; stroke-width: 1; }
+svg.chart .gl { stroke: #eceff4; stroke-width: 1; }
 svg.chart text { font-size: 11px; fill: #5b6676; }
 .b-rx { fill: var(--rx); } .b-rep { fill: var(--rep); } .b-sent { fill: var(--sent); }
 .legend { display: flex; gap: 16px; font-size: 12px; color: var(--muted); margin-top: 4px; }

@@ -207,7 +207,7 @@ def throughput_svg(t: Throughput) -> str:
         y = top + plot_h * (1 - frac)
         value = peak * frac
         label = f"{value:.0f}" if value == int(value) else f"{value:.1f}"
-        parts.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}"/>')
+        parts.append(f'<line class="gl" x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}"/>')
         parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
     for i in range(n):
         x0 = left + i * group + group * 0.11
@@ -362,16 +362,17 @@ def study_page(
     csrf: str = "",
     done: str = "",
     now: float | None = None,
+    node_label: str = "",
 ) -> str:
     now = time.time() if now is None else now
     st = d.study
     msg = f'<div class="alert ok">{h(DONE_MESSAGES[done])}</div>' if done in DONE_MESSAGES else ""
     reason = f"<dt>Reason</dt><dd>{h(st.reason)}</dd>" if st.reason else ""
     if st.sr_path:
-        sr = f'<dd><span class="uid">{h(d.sr_file)}</span><div class="small muted">SR SOP Instance UID '
+        sr = f'<dd><span class="uid wrap">{h(d.sr_file)}</span><div class="small muted">SR SOP Instance UID '
         sr += f'<span class="uid">{h(st.sr_sop_instance_uid)}</span></div>'
         if d.sr_folder_file:
-            sr += f'<div class="small muted">copy: <span class="uid">{h(d.sr_folder_file)}</span></div>'
+            sr += f'<div class="small muted">copy: <span class="uid wrap">{h(d.sr_folder_file)}</span></div>'
         sr += "</dd>"
     else:
         sr = '<dd class="muted">not written yet</dd>'
@@ -440,7 +441,8 @@ def study_page(
 <section class="card" id="instances"><h2>Images</h2>{instances}</section>
 <section class="card" id="events"><h2>History</h2>{events}</section>
 </main>"""
-    return page(f"Study {st.study_uid} · cspine-screener", "", body, principal, auth_enabled)
+    header = f'<span class="node">{h(node_label)}</span>' if node_label else ""
+    return page(f"Study {st.study_uid} · cspine-screener", header, body, principal, auth_enabled)
 
 
 def message_page(title: str, text: str, principal: Principal | None, auth_enabled: bool) -> str:

@@ -336,3 +336,11 @@ def test_patient_data_only_when_enabled_and_signed_in(client_for, auth):
     no_patient_data(shown.get("/", headers=basic()).text)  # never on the overview
     t = shown.get(f"/studies/{REPORTED}", headers=basic()).text
     assert PATIENT_NAME in t and PATIENT_ID in t and BIRTH_DATE in t
+
+
+def test_metrics_pending_outbox(client_for, store):
+    store.enqueue(RECEIVING, "PACS@127.0.0.1:104", f"sr/{RECEIVING}/1.dcm")
+    m = scrape(client_for())
+    key = (("destination", "PACS@127.0.0.1:104"), ("state", "pending"))
+    assert m["screener_outbox_entries"][key] == 1
+    assert m["screener_outbox_oldest_pending_age_seconds"][(("destination", "PACS@127.0.0.1:104"),)] >= 0

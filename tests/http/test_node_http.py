@@ -139,6 +139,7 @@ def test_page_in_a_real_browser(screened, tmp_path):
         "--disable-dev-shm-usage",
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
         "--window-size=1280,1000",
+        "--hide-scrollbars",
     ):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -152,8 +153,11 @@ def test_page_in_a_real_browser(screened, tmp_path):
         assert "spondylosis:" in text and "stenosis:" in text  # its findings
         assert "NOT validated" in text and "demo" in text
         assert "DEMO^SYNTHETIC" not in driver.page_source and "DEMO-0001" not in driver.page_source
-        height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1280, max(800, min(int(height) + 40, 4000)))
+        # The whole page in one picture: the window's height is the page's plus the browser's own frame.
+        height, frame = driver.execute_script(
+            "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight]"
+        )
+        driver.set_window_size(1280, min(int(height) + int(frame), 4000))
         shot = tmp_path / "status-page.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
