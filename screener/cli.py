@@ -229,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from screener.http import demo
 
-            demo.run(settings, args.host, args.port, args.calling_aet, args.wait)
+            logs.configure(settings.logging.renderer, "warning")  # its own lines, not the store's state log
+            demo.run(settings, args.host, args.port, args.calling_aet, args.wait, config_path=args.config)
             return 0
     except UserError as exc:
         print(f"screener: error: {exc}", file=sys.stderr)

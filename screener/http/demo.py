@@ -180,7 +180,10 @@ def run(
     wait_s: float = 120.0,
     complete: bool = True,
     out=sys.stdout,
+    config_path: Path | None = None,
 ) -> DemoResult:
+    """Send the demo study, complete it at once (when the node's var_dir is on this machine), wait
+    up to `wait_s` for its result and print where to look at it."""
     from screener.store import DB_NAME, Store
 
     host = host or ("127.0.0.1" if settings.node.host in ("0.0.0.0", "::", "") else settings.node.host)
@@ -222,7 +225,8 @@ def run(
     print("see the result:", file=out)
     if http.enabled:
         print(f"  status page:  http://{web_host}:{http.port}/studies/{uid}", file=out)
-    print("  command line: screener status" + (f" --var {var}" if str(var) != "var" else ""), file=out)
+    where = f" --config {config_path}" if config_path else (f" --var {var}" if str(var) != "var" else "")
+    print(f"  command line: screener status{where}", file=out)
     if sr_file:
         print(f"  SR file:      {sr_file}   (dsrdump it, or open it in a DICOM viewer)", file=out)
     elif state not in FINISHED:
