@@ -8,6 +8,7 @@ Command-line overrides are applied with `with_overrides`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -136,6 +137,13 @@ class HttpSettings:
             raise ConfigError("http.basic_password_hash and http.basic_password_file: give one, not both")
         if self.token_hash and self.token_file:
             raise ConfigError("http.token_hash and http.token_file: give one, not both")
+        for key in ("token_hash", "basic_password_hash"):
+            value = getattr(self, key)
+            if value and not re.fullmatch(r"pbkdf2_sha256\$[0-9]+\$[0-9a-f]+\$[0-9a-f]{64}", value):
+                raise ConfigError(
+                    f"http.{key}: expected pbkdf2_sha256$<iterations>$<salt>$<hash> "
+                    "(make one with `python -m screener.http.auth`)"
+                )
 
 
 @dataclass(frozen=True)

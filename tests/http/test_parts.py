@@ -30,6 +30,9 @@ def test_http_settings_defaults_and_errors():
         config.parse({"http": {"basic_user": "admin"}})
     with pytest.raises(ConfigError, match="not both"):
         config.parse({"http": {"token_hash": "x", "token_file": "y"}})
+    with pytest.raises(ConfigError, match="http.token_hash: expected pbkdf2_sha256"):
+        config.parse({"http": {"token_hash": "secret-in-plain-text"}})
+    assert config.parse({"http": {"token_hash": hash_secret("t", iterations=10)}}).http.token_hash
 
 
 def test_hash_round_trip():
@@ -40,7 +43,7 @@ def test_hash_round_trip():
     with pytest.raises(ConfigError, match="http.token_hash"):
         parse_hash("sha256$abc", "http.token_hash")
     with pytest.raises(ConfigError, match="http.basic_password_hash"):
-        Authenticator.from_settings(config.HttpSettings(basic_user="a", basic_password_hash="plaintext"))
+        config.HttpSettings(basic_user="a", basic_password_hash="plaintext")
 
 
 def test_secret_files(tmp_path):
