@@ -24,7 +24,12 @@ demo-engines: $(STAMP)
 	$(BIN)/python -m trainer.demo --engines engines --config config.toml
 
 run: $(STAMP) demo-engines
+	@echo "status page: http://127.0.0.1:8080/ ([http] in config.toml); 'make demo' in another terminal sends a study"
 	$(BIN)/screener serve --config config.toml
+
+.PHONY: demo
+demo: $(STAMP)
+	$(BIN)/screener demo --config config.toml
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.engines

@@ -52,6 +52,12 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("complete", help="screen a study now instead of waiting for study_stable_s")
     _add_config(c)
     c.add_argument("study_uid", nargs="+")
+    d = sub.add_parser("demo", help="send a synthetic study (lateral + two obliques) to the running node")
+    _add_config(d)
+    d.add_argument("--host", help="the node's address (default: 127.0.0.1)")
+    d.add_argument("--port", type=int, help="the node's DICOM port (default: node.port)")
+    d.add_argument("--calling-aet", default="DEMO", help="our AE title (default DEMO)")
+    d.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the result (default 120)")
     return p
 
 
@@ -83,6 +89,8 @@ def cmd_serve(settings: config.Settings) -> int:
         node.store.close()
         raise UserError(f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror or exc}") from None
     print(f"screener: {settings.node.ae_title} listening on port {node.port}; Ctrl-C to stop", file=sys.stderr)
+    if node.http is not None:
+        print(f"screener: status page {node.http.url} (health: /healthz /readyz, metrics: /metrics)", file=sys.stderr)
     try:
         node.wait(stop)
     finally:
@@ -218,6 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_replay(settings, args)
         if args.command == "complete":
             return cmd_complete(settings, args.study_uid)
+        if args.command == "demo":
+            from screener.http import demo
+
+            logs.configure(settings.logging.renderer, "warning")  # its own lines, not the store's state log
+            demo.run(settings, args.host, args.port, args.calling_aet, args.wait, config_path=args.config)
+            return 0
     except UserError as exc:
         print(f"screener: error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ Command-line overrides are applied with `with_overrides`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -113,6 +114,50 @@ class ReportSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The node's HTTP side (screener.http): health checks, Prometheus metrics, the status page.
+
+    Actions that change state (resend, complete) need credentials: a bearer token and/or HTTP basic
+    auth, each given as a hash (``python -m screener.http.auth``) or as a file holding the secret
+    (mode 0600). With none configured the page is read-only."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token_hash: str = ""
+    token_file: str = ""
+    basic_user: str = ""
+    basic_password_hash: str = ""
+    basic_password_file: str = ""
+    # Patient name, ID and birth date on the study page, for an authenticated user only.
+    show_patient_data: bool = False
+    echo_interval_s: float = 60.0
+    echo_timeout_s: float = 5.0
+    # /readyz fails while a destination does not answer C-ECHO (set false behind a load balancer
+    # shared by several nodes that send to the same PACS).
+    ready_requires_destinations: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"http.port: {self.port} is not a TCP port")
+        if self.echo_interval_s <= 0 or self.echo_timeout_s <= 0:
+            raise ConfigError("http.echo_interval_s and http.echo_timeout_s: must be positive")
+        if bool(self.basic_user) != bool(self.basic_password_hash or self.basic_password_file):
+            raise ConfigError("http.basic_user: give both a user and basic_password_hash or basic_password_file")
+        if self.basic_password_hash and self.basic_password_file:
+            raise ConfigError("http.basic_password_hash and http.basic_password_file: give one, not both")
+        if self.token_hash and self.token_file:
+            raise ConfigError("http.token_hash and http.token_file: give one, not both")
+        for key in ("token_hash", "basic_password_hash"):
+            value = getattr(self, key)
+            if value and not re.fullmatch(r"pbkdf2_sha256\$[0-9]+\$[0-9a-f]+\$[0-9a-f]{64}", value):
+                raise ConfigError(
+                    f"http.{key}: expected pbkdf2_sha256$<iterations>$<salt>$<hash> "
+                    "(make one with `python -m screener.http.auth`)"
+                )
+
+
+@dataclass(frozen=True)
 class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     node: NodeSettings = field(default_factory=NodeSettings)
@@ -122,6 +167,7 @@ class Settings:
     routing: list[RoutingRule] = field(default_factory=list)
     sr_folder: str = ""
     report: ReportSettings = field(default_factory=ReportSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
 
 
 def _type_name(tp: Any) -> str:

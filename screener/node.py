@@ -24,8 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from screener import __version__
+from screener import __version__, metrics
 from screener.config import Settings
 from screener.engine.runtime import LoadedEngine, load_engine
 from screener.errors import ManifestError, UserError
@@ -33,6 +34,9 @@ from screener.logs import get_logger
 from screener.screening import ImageOutcome, Screener
 from screener.store import Store
 from screener.store.files import atomic_write
+
+if TYPE_CHECKING:
+    from screener.http import HttpServer
 
 log = get_logger(__name__)
 
@@ -127,6 +131,7 @@ class Node:
         self.device_uid = derive_uid("cspine-screener device", settings.node.ae_title)
         self._scheduler = None
         self.listener = None
+        self.http: HttpServer | None = None  # while running
         self._screen_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
@@ -137,6 +142,16 @@ class Node:
 
         self.listener = Listener(self.settings, self.store)
         self.listener.start()
+        if self.settings.http.enabled:
+            from screener.http import HttpServer
+
+            try:
+                self.http = HttpServer.start(self)
+            except BaseException:
+                if self.listener is not None:
+                    self.listener.stop()
+                self.listener = None
+                raise
         sched = self.settings.schedule
         s = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
         tick = max(0.2, min(sched.batch_interval_s, sched.study_stable_s / 4))
@@ -158,7 +173,15 @@ class Node:
     def port(self) -> int:
         return self.listener.port if self.listener else self.settings.node.port
 
+    @property
+    def running(self) -> bool:
+        """True while the scheduler runs the jobs (GET /healthz)."""
+        return self._scheduler is not None and bool(self._scheduler.running)
+
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
@@ -178,12 +201,14 @@ class Node:
                 pass
         except Exception:  # noqa: BLE001 - a job must never die; the next tick retries
             log.exception("job_failed", job="complete-and-screen")
+            metrics.job_failed("complete-and-screen")
 
     def send_job(self) -> None:
         try:
             self.send_due()
         except Exception:  # noqa: BLE001
             log.exception("job_failed", job="send")
+            metrics.job_failed("send")
 
     def screen_batch(self) -> int:
         """Screen up to batch_max_size images of complete studies; returns studies handled."""
@@ -202,13 +227,18 @@ class Node:
             if not picked:
                 return 0
             all_paths = [p for _, paths in picked for p in paths]
+            t0 = time.perf_counter()
             try:
                 outcomes = self.screener.screen(all_paths)
             except Exception as exc:  # noqa: BLE001
                 log.exception("screening_failed", studies=[u for u, _ in picked])
+                metrics.job_failed("screening")
                 for uid, _ in picked:
                     self.store.set_study_state(uid, "failed", f"screening error: {exc.__class__.__name__}: {exc}")
+                    metrics.study_finished("failed")
                 return len(picked)
+            metrics.batch_screened(len(all_paths), time.perf_counter() - t0)
+            metrics.results_recorded(outcomes)
             by_path = dict(zip(all_paths, outcomes))
             for uid, paths in picked:
                 self._finish_study(uid, [by_path[p] for p in paths])
@@ -237,10 +267,12 @@ class Node:
             sr = build_study_sr(outcomes, self.engines, self.device_uid)
         except ValueError as exc:
             self.store.set_study_state(study_uid, "failed", f"SR not built: {exc}")
+            metrics.study_finished("failed")
             return
         if sr is None:
             reasons = sorted({o.failed or o.skipped for o in outcomes})
             self.store.set_study_state(study_uid, "skipped", "; ".join(reasons)[:500])
+            metrics.study_finished("skipped")
             return
         sr_uid = str(sr.SOPInstanceUID)
         rel = Path("sr") / study_uid / f"{sr_uid}.dcm"
@@ -254,6 +286,8 @@ class Node:
         ):
             log.info("sr_superseded", study_uid=study_uid, reason="new instances arrived while screening")
             return
+        st = self.store.get_study(study_uid)
+        metrics.study_finished("reported", st.last_received_at if st else None)
         for out in outcomes:
             if out.state == "screened":
                 self.store.set_instance_state(out.sop_instance_uid, "reported", "")
@@ -290,6 +324,7 @@ class Node:
                 self.settings.node.ae_title,
                 timeout_s=self.settings.node.network_timeout_s,
             )
+            metrics.send_attempt(row.destination, ok)
             if ok:
                 self.store.mark_sent(row.id)
                 sent += 1
@@ -307,6 +342,7 @@ class Node:
             self.store.retention(self.settings.schedule.retention_days, states=("sent", "skipped"))
         except Exception:  # noqa: BLE001
             log.exception("job_failed", job="retention")
+            metrics.job_failed("retention")
 
     def wait(self, stop: threading.Event) -> None:
         while not stop.wait(0.5):

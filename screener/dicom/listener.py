@@ -73,6 +73,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from screener import metrics
 from screener.config import Settings
 from screener.dicom.image import SCREENED_SOP_CLASSES
 from screener.errors import ConfigError
@@ -291,6 +292,7 @@ class Listener:
             reason, diagnostic = "called AE title is not ours", 0x07
         if not reason:
             return
+        metrics.association_refused(reason)
         log.warning(
             "association_refused",
             address=address,
@@ -305,6 +307,7 @@ class Listener:
 
     def _on_accepted(self, event: Any) -> None:
         assoc = event.assoc
+        metrics.association_accepted()
         log.info(
             "association_accepted",
             address=str(assoc.requestor.address),
@@ -317,6 +320,9 @@ class Listener:
     def _on_rejected(self, event: Any) -> None:
         assoc = event.assoc
         rsp = assoc.acceptor.primitive
+        metrics.association_rejected(
+            getattr(rsp, "result", None), getattr(rsp, "result_source", None), getattr(rsp, "diagnostic", None)
+        )
         log.warning(
             "association_rejected",
             address=str(assoc.requestor.address),
@@ -349,9 +355,11 @@ class Listener:
                 error_type=type(exc).__name__,
                 where=where,
             )
+            metrics.instance_refused(INTERNAL_ERROR)
             return _status(INTERNAL_ERROR, "internal error")
 
     def _refuse(self, code: int, reason: str, **uids: str) -> Dataset:
+        metrics.instance_refused(code)
         log.warning("store_refused", status=f"0x{code:04X}", reason=reason, **uids)
         return _status(code, reason)
 
@@ -425,6 +433,7 @@ class Listener:
             duplicate=outcome.duplicate,
             ms=round((time.perf_counter() - t0) * 1000, 1),
         )
+        metrics.instance_stored(outcome.size)
         if self.on_stored is not None:
             try:
                 self.on_stored(study_uid)

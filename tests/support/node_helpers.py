@@ -85,8 +85,9 @@ def node_settings(var: Path, engines_dir: Path, destinations, enabled=("spondylo
     node = dataclasses.replace(base.node, port=0, host="127.0.0.1", var_dir=str(var), min_free_mb=1)
     engines = dataclasses.replace(base.engines, dir=str(engines_dir), backend="onnx-fp32", enabled=list(enabled))
     logging = dataclasses.replace(base.logging, level="warning")
+    http = dataclasses.replace(base.http, enabled=False)  # tests/http turn it on, on a free port
     return dataclasses.replace(
-        base, node=node, schedule=sched, engines=engines, destinations=list(destinations), logging=logging
+        base, node=node, schedule=sched, engines=engines, destinations=list(destinations), logging=logging, http=http
     )
 
 
