@@ -28,7 +28,7 @@ from pathlib import Path
 from screener import __version__
 from screener.config import Settings
 from screener.engine.runtime import LoadedEngine, load_engine
-from screener.errors import ManifestError, UserError
+from screener.errors import ManifestError, UserError, safe_reason
 from screener.logs import get_logger
 from screener.screening import ImageOutcome, Screener
 from screener.store import Store
@@ -207,7 +207,7 @@ class Node:
             except Exception as exc:  # noqa: BLE001
                 log.exception("screening_failed", studies=[u for u, _ in picked])
                 for uid, _ in picked:
-                    self.store.set_study_state(uid, "failed", f"screening error: {exc.__class__.__name__}: {exc}")
+                    self.store.set_study_state(uid, "failed", safe_reason(exc, "screening error"))
                 return len(picked)
             by_path = dict(zip(all_paths, outcomes))
             for uid, paths in picked:
@@ -236,7 +236,7 @@ class Node:
         try:
             sr = build_study_sr(outcomes, self.engines, self.device_uid)
         except ValueError as exc:
-            self.store.set_study_state(study_uid, "failed", f"SR not built: {exc}")
+            self.store.set_study_state(study_uid, "failed", safe_reason(exc, "SR not built"))
             return
         if sr is None:
             reasons = sorted({o.failed or o.skipped for o in outcomes})
@@ -271,6 +271,8 @@ class Node:
                 row.destination,
                 self.settings.node.ae_title,
                 timeout_s=self.settings.node.network_timeout_s,
+                tls=self.settings.tls,
+                known=self.settings.destinations,
             )
             if ok:
                 self.store.mark_sent(row.id)
