@@ -76,7 +76,9 @@ and files, so a malformed one is refused rather than sanitised.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+import socketserver
 import sqlite3
 import ssl
 import threading
@@ -209,12 +211,14 @@ class ConnectionGuard:
         self.max_per_address = max_per_address
         self._lock = threading.Lock()
         self._open: dict[str, int] = {}
+        self.decisions = 0  # connections admitted or refused so far (for tests and metrics)
 
     def admit(self, address: str) -> str:
         """Take a slot for `address`; '' when admitted, else the reason for the refusal."""
-        if not address_allowed(address, self.networks):
-            return "source address not allowed"
         with self._lock:
+            self.decisions += 1
+            if not address_allowed(address, self.networks):
+                return "source address not allowed"
             if self._open.get(address, 0) >= self.max_per_address:
                 return "too many connections from this address"
             if sum(self._open.values()) >= self.max_total:
@@ -264,6 +268,40 @@ def _deadline_recv(sock: Any, raw: socket.socket, seconds: float, idle_timeout: 
     return recv
 
 
+def _shutdown(sock: socket.socket) -> None:
+    """Shut the connection down under any thread blocked on it (TLS or not): shutdown() on a
+    duplicate descriptor acts on the same kernel socket and bypasses the SSL layer's state."""
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        dup = socket.socket(fileno=os.dup(fd))
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        finally:
+            dup.close()
+    except OSError:
+        pass
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True when the peer has closed the connection (EOF or error pending), read without consuming
+    anything (a peek on a duplicate descriptor, below any TLS layer)."""
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return True
+        dup = socket.socket(fileno=os.dup(fd))
+        try:
+            return dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        finally:
+            dup.close()
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 class _Connection:
     """One accepted connection, as the negotiation watchdog sees it."""
 
@@ -290,12 +328,24 @@ class _GuardedHandler(RequestHandler):
         self.conn.assoc = assoc
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
+        # Until the A-ASSOCIATE-RQ arrives, pynetdicom waits for it for acse_timeout even when the peer
+        # has already gone: notice the closed connection and end the association now, so that
+        # connect/close cycles give their slot back at once.
+        while assoc.is_alive() and assoc.requestor.primitive is None:
+            assoc.join(0.1)
+            if assoc.is_alive() and assoc.requestor.primitive is None and _peer_closed(self.conn.raw):
+                assoc.dul.to_user_queue.put(None)  # run_reactor treats "no request" as the end
+                break
         assoc.join()
 
 
 class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with admission at accept (`ConnectionGuard`), the TLS handshake
     and association negotiation under a deadline, in the connection's own thread."""
+
+    # socketserver's default listen backlog is 5: a burst of connections (a flood, or a PACS
+    # opening several at once) would have SYNs dropped and retried a second later.
+    request_queue_size = 128
 
     def __init__(
         self,
@@ -312,7 +362,27 @@ class GuardedServer(ThreadedAssociationServer):
         self.negotiation_timeout_s = negotiation_timeout_s
         self.pdu_timeout_s = pdu_timeout_s
         self.listener_name = listener_name
+        self._conns: set[_Connection] = set()
+        self._conns_lock = threading.Lock()
         super().__init__(*args, **kwargs)  # ssl_context stays None: the accept loop never handshakes
+
+    def shutdown(self) -> None:
+        """Stop accepting, end every open connection (A-ABORT for an established association),
+        then close the listening socket. Never waits for a silent peer."""
+        socketserver.BaseServer.shutdown(self)
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.expired = True
+            a = conn.assoc
+            if a is not None and a.is_established:
+                a.abort()
+            _shutdown(conn.raw)
+            if a is not None:
+                a.kill()
+        self.server_close()
+        if self in self.ae._servers:
+            self.ae._servers.remove(self)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         address = str(client_address[0])
@@ -334,16 +404,15 @@ class GuardedServer(ThreadedAssociationServer):
             reason="TLS handshake and association negotiation not complete in time",
             timeout_s=self.negotiation_timeout_s,
         )
-        try:
-            conn.raw.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv or handshake
-        except OSError:
-            pass
+        _shutdown(conn.raw)  # wakes a recv or a handshake blocked in another thread
         if a is not None:
             a.kill()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         address = str(client_address[0])
         conn = _Connection(request, address)
+        with self._conns_lock:
+            self._conns.add(conn)
         timer = threading.Timer(self.negotiation_timeout_s, self._expire, (conn,))
         timer.daemon = True
         timer.start()
@@ -352,18 +421,21 @@ class GuardedServer(ThreadedAssociationServer):
             request.settimeout(self.pdu_timeout_s)
             if self.tls_context is not None:
                 try:
-                    sock = self.tls_context.wrap_socket(request, server_side=True)
+                    sock = self.tls_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+                    conn.raw = sock  # wrap_socket detached `request`: the watchdog must see this one
+                    sock.do_handshake()
                 except (OSError, ValueError) as exc:
                     if not conn.expired:
                         reason = getattr(exc, "reason", None) or type(exc).__name__
                         log.warning("tls_refused", address=address, listener=self.listener_name, reason=str(reason))
                     return
-                conn.raw = sock
             _GuardedHandler(sock, client_address, self, conn)
         except Exception as exc:  # noqa: BLE001 - one connection never takes the server down
             log.error("connection_failed", address=address, error_type=type(exc).__name__)
         finally:
             timer.cancel()
+            with self._conns_lock:
+                self._conns.discard(conn)
             self.guard.release(address)
             try:
                 conn.raw.close()
