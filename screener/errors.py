@@ -40,7 +40,7 @@ _KEYWORD_PATTERN = re.compile(r"\b([A-Z][a-z]+(?:[A-Z][a-z0-9]*)+)\b")  # CamelC
 def _dicom_keyword(text: str) -> str:
     """An attribute keyword named in `text` (by keyword or by tag), if pydicom knows it."""
     try:
-        from pydicom.datadict import dictionary_VR, keyword_for_tag
+        from pydicom.datadict import keyword_for_tag
     except ImportError:  # pragma: no cover - pydicom is a node dependency
         return ""
     for m in _TAG_PATTERN.finditer(text):
@@ -48,11 +48,8 @@ def _dicom_keyword(text: str) -> str:
         if kw:
             return str(kw)
     for m in _KEYWORD_PATTERN.finditer(text):
-        try:
-            dictionary_VR(m.group(1))
-        except KeyError:
-            continue
-        return m.group(1)
+        if _is_keyword(m.group(1)):
+            return m.group(1)
     return ""
 
 
@@ -85,17 +82,45 @@ def safe_reason(exc: BaseException, what: str, keyword: str = "") -> str:
     return f"{what}: {type(exc).__name__}" + (f" ({detail})" if detail else "")
 
 
-_VALUE_START = re.compile(r"""['"`]|:\s|=|\bfor value\b|\bvalue of\b""", re.IGNORECASE)
-_MESSAGE_MAX = 120
+_QUOTE = re.compile(r"""['"`]""")
+_MESSAGE_MAX = 160
+_WORD = re.compile(r"^[a-z]+(?:-[a-z]+)*$")
+_SAFE_UPPER = frozenset({"DICOM", "UID", "VR", "VM", "SR", "TLS", "ID", "LUT", "VOI", "IOD", "SOP", "JPEG", "RLE"})
+
+
+def _safe_token(token: str, first: bool) -> bool:
+    word = token.strip(".,;:()[]!?")
+    if not word:
+        return True
+    if _WORD.match(word) or word in _VRS or word in _SAFE_UPPER:
+        return True
+    if first and word.isalpha() and word[0].isupper() and word[1:].islower():
+        return True  # a sentence's first word
+    return word.isalpha() and _is_keyword(word)  # a DICOM keyword such as PatientBirthDate
+
+
+def _is_keyword(word: str) -> bool:
+    try:
+        from pydicom.datadict import tag_for_keyword
+    except ImportError:  # pragma: no cover - pydicom is a node dependency
+        return False
+    return tag_for_keyword(word) is not None
 
 
 def scrub_message(text: str) -> str:
-    """A library message without any value it may quote: cut at the first quote, ': ' or '=',
-    digits runs of 4+ removed, at most 120 characters, plus the attribute keyword and VR when the
-    message names them (`screener.errors.describe_problem`)."""
+    """A library message reduced to words that cannot be patient data: cut at the first quote
+    (values are usually quoted), then every token that is not a lower-case word, a DICOM keyword, a
+    VR or a short technical acronym (names, IDs, dates, numbers, ...) replaced by '…'; at most 160
+    characters, plus the attribute keyword and VR when the message names them."""
     first_line = str(text).strip().splitlines()[0] if str(text).strip() else ""
-    m = _VALUE_START.search(first_line)
+    m = _QUOTE.search(first_line)
     head = first_line[: m.start()] if m else first_line
-    head = re.sub(r"\d{4,}", "#", head).strip(" .,;:-")[:_MESSAGE_MAX]
+    kept: list[str] = []
+    for i, token in enumerate(head.split()):
+        piece = token if _safe_token(token, i == 0) else "…"
+        if piece == "…" and kept and kept[-1] == "…":
+            continue
+        kept.append(piece)
+    cleaned = " ".join(kept).strip(" .,;:-")[:_MESSAGE_MAX]
     problem = describe_problem(str(text))
-    return f"{head} [{problem}]" if problem else head
+    return f"{cleaned} [{problem}]" if problem else cleaned
