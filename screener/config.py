@@ -290,7 +290,7 @@ def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
     missing = [
         f.name
         for f in dataclasses.fields(cls)
-        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ConfigError(f"{prefix or 'config'}: missing required setting(s) {', '.join(missing)}")

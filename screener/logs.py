@@ -143,17 +143,18 @@ def configure(renderer: str = "console", level: str = "info", stream: Any = None
         final = structlog.processors.JSONRenderer(sort_keys=True)
     else:
         final = structlog.dev.ConsoleRenderer(colors=False)
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        scrub_phi,
+        scrub_exception,
+        final,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            scrub_phi,
-            scrub_exception,
-            final,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or _Stderr()),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or _Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     capture_library_output()

@@ -239,7 +239,7 @@ class ConnectionGuard:
             return dict(self._open)
 
 
-def _deadline_recv(sock: Any, raw: socket.socket, seconds: float, idle_timeout: float | None) -> Callable[[int], Any]:
+def _deadline_recv(sock: Any, seconds: float, idle_timeout: float | None) -> Callable[[int], Any]:
     """A replacement for AssociationSocket.recv: the whole read (one PDU header, or one PDU body)
     must arrive within `seconds`, however slowly the peer trickles it. A timeout ends the
     association as a closed connection (pynetdicom turns OSError into Evt17)."""
@@ -324,7 +324,7 @@ class _GuardedHandler(RequestHandler):
         server: GuardedServer = self.server  # type: ignore[assignment]
         assoc = self._create_association()
         sock = assoc.dul.socket
-        sock.recv = _deadline_recv(sock, self.conn.raw, server.pdu_timeout_s, server.pdu_timeout_s)
+        sock.recv = _deadline_recv(sock, server.pdu_timeout_s, server.pdu_timeout_s)
         self.conn.assoc = assoc
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
@@ -501,7 +501,7 @@ class Listener:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def _serve(self, port: int, tls_context: ssl.SSLContext | None, name: str) -> Any:
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),

@@ -89,7 +89,7 @@ def peer_identity(sock: Any) -> PeerIdentity | None:
     der = sock.getpeercert(binary_form=True)
     if not der:
         return None
-    info = sock.getpeercert() or {}
+    info: Any = sock.getpeercert() or {}
     cn = ""
     for rdn in info.get("subject", ()):
         for key, value in rdn:
