@@ -323,7 +323,7 @@ class _GuardedHandler(RequestHandler):
     def handle(self) -> None:
         server: GuardedServer = self.server  # type: ignore[assignment]
         assoc = self._create_association()
-        sock = assoc.dul.socket
+        sock: Any = assoc.dul.socket  # pynetdicom AssociationSocket; its recv gets the PDU deadline
         sock.recv = _deadline_recv(sock, server.pdu_timeout_s, server.pdu_timeout_s)
         self.conn.assoc = assoc
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
