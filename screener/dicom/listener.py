@@ -25,7 +25,8 @@ connection is closed at once and logged (``connection_refused``) with its addres
   * already ``node.max_associations`` connections open in all.
 An accepted connection must complete the TLS handshake (TLS listener) and association negotiation
 within ``node.acse_timeout_s`` of being accepted, and every PDU must arrive whole within
-``node.network_timeout_s`` of its first byte; otherwise the connection is closed and logged
+``node.network_timeout_s`` of its first byte (plus its length at 2 Mbit/s, for a large P-DATA
+PDU); otherwise the connection is closed and logged
 (``connection_timeout`` / ``tls_refused``, with the address). Ten silent or half-open
 connections therefore hold at most their own address's slots, for at most ``acse_timeout_s``.
 
@@ -239,13 +240,20 @@ class ConnectionGuard:
             return dict(self._open)
 
 
+# A PDU body may be large (we announce no maximum PDU length, so a sender may put a whole image in
+# one P-DATA-TF): its deadline grows with its announced length at this minimum rate (2 Mbit/s).
+MIN_PDU_RATE_BYTES_S = 256 * 1024
+
+
 def _deadline_recv(sock: Any, seconds: float, idle_timeout: float | None) -> Callable[[int], Any]:
     """A replacement for AssociationSocket.recv: the whole read (one PDU header, or one PDU body)
-    must arrive within `seconds`, however slowly the peer trickles it. A timeout ends the
-    association as a closed connection (pynetdicom turns OSError into Evt17)."""
+    must arrive within `seconds` (plus its length at `MIN_PDU_RATE_BYTES_S`), however slowly the
+    peer trickles it. A timeout ends the association as a closed connection (pynetdicom turns
+    OSError into Evt17). Before an association is established, the negotiation deadline
+    (acse_timeout_s) bounds an A-ASSOCIATE-RQ whatever length it announces."""
 
     def recv(nr_bytes: int) -> bytearray:
-        deadline = time.monotonic() + seconds
+        deadline = time.monotonic() + seconds + nr_bytes / MIN_PDU_RATE_BYTES_S
         data = bytearray()
         conn = sock.socket
         try:
