@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from screener import __version__, metrics
 from screener.config import Settings
 from screener.engine.runtime import LoadedEngine, load_engine
-from screener.errors import ManifestError, UserError
+from screener.errors import ManifestError, UserError, safe_reason
 from screener.logs import get_logger
 from screener.screening import ImageOutcome, Screener
 from screener.store import Store
@@ -234,7 +234,7 @@ class Node:
                 log.exception("screening_failed", studies=[u for u, _ in picked])
                 metrics.job_failed("screening")
                 for uid, _ in picked:
-                    self.store.set_study_state(uid, "failed", f"screening error: {exc.__class__.__name__}: {exc}")
+                    self.store.set_study_state(uid, "failed", safe_reason(exc, "screening error"))
                     metrics.study_finished("failed")
                 return len(picked)
             metrics.batch_screened(len(all_paths), time.perf_counter() - t0)
@@ -266,7 +266,7 @@ class Node:
         try:
             sr = build_study_sr(outcomes, self.engines, self.device_uid)
         except ValueError as exc:
-            self.store.set_study_state(study_uid, "failed", f"SR not built: {exc}")
+            self.store.set_study_state(study_uid, "failed", safe_reason(exc, "SR not built"))
             metrics.study_finished("failed")
             return
         if sr is None:
@@ -323,6 +323,8 @@ class Node:
                 row.destination,
                 self.settings.node.ae_title,
                 timeout_s=self.settings.node.network_timeout_s,
+                tls=self.settings.tls,
+                known=self.settings.destinations,
             )
             metrics.send_attempt(row.destination, ok)
             if ok:
