@@ -384,6 +384,8 @@ def test_orthanc_stores_and_renders_the_companions(tmp_path):
     assert shown.shape == burned.shape
     assert float(np.abs(shown.astype(int) - burned.astype(int)).mean()) < 2.0  # Orthanc shows what was burned in
     (ROOT / "docs" / "samples" / "companion-orthanc-preview.png").write_bytes(png)
+
+
 # ------------------------------------------------------------------------------------ DICOM TLS
 
 
