@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from trainer.csxa import KEYPOINT_LABELS  # noqa: E402
+from trainer.data.csxa import KEYPOINT_LABELS  # noqa: E402
 
 HEADER = [
     "Number",
@@ -111,7 +111,7 @@ def all_engines(built, tmp_path_factory):
     import shutil
 
     from trainer.build import BuildOptions, build_engine
-    from trainer.synth_oblique import synthesize_oblique
+    from trainer.synth import synthesize_oblique
 
     root = tmp_path_factory.mktemp("all-engines")
     engines = root / "engines"

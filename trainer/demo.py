@@ -28,8 +28,7 @@ def missing_engines(settings: config.Settings, engines_dir: Path) -> list[str]:
 
 
 def _data(work: Path, kind: str) -> Path:
-    from trainer.synth import synthesize
-    from trainer.synth_oblique import synthesize_oblique
+    from trainer.synth import synthesize, synthesize_oblique
 
     data = work / f"demo-{kind}"
     if not (data / "datasets.xlsx").is_file():

@@ -3,10 +3,7 @@ early stopping on validation AUROC, best checkpoint kept, resumable."""
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,15 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
-from tqdm import tqdm
 
 from screener.engine.metrics import roc_auc
 from screener.logs import get_logger
-from trainer.data import PreparedDataset
+from trainer.data.prepare import PreparedDataset
+from trainer.progress import bar as progress_bar
+from trainer.progress import write as progress_write
 
 log = get_logger(__name__)
-# Progress bars redraw often on a terminal, rarely when stderr goes to a file (CI logs).
-_TQDM_INTERVAL = 0.5 if sys.stderr.isatty() else 30.0
 
 
 @dataclass(frozen=True)
@@ -56,24 +52,6 @@ class TrainResult:
     device: str = "cpu"
 
 
-def checkpoint_dir(work: Path, meta: dict[str, Any]) -> Path:
-    """The checkpoint folder of a build, with `meta` (data fingerprint, recipe, settings) in
-    ``meta.json``. A folder whose meta differs is cleared, so a resume never mixes runs."""
-    meta = json.loads(json.dumps(meta))  # as it reads back from the file (tuples become lists)
-    meta_file = work / "meta.json"
-    if meta_file.is_file():
-        try:
-            same = json.loads(meta_file.read_text()) == meta
-        except json.JSONDecodeError:
-            same = False
-        if not same:
-            log.info("checkpoints_reset", reason="data or settings changed", dir=str(work))
-            shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    meta_file.write_text(json.dumps(meta, indent=2))
-    return work
-
-
 # A run may be resumed with more epochs or another patience; anything else starts afresh.
 _EXTENDABLE = ("epochs", "patience")
 
@@ -99,9 +77,7 @@ def predict_proba(
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out: list[np.ndarray] = []
-    for x, _ in tqdm(
-        loader, desc="predict", unit="batch", disable=not progress, leave=False, mininterval=_TQDM_INTERVAL
-    ):
+    for x, _ in progress_bar(loader, "predict", "batch", progress):
         logits = model(x.to(device))
         out.append(torch.softmax(logits.float(), dim=1)[:, -1].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -179,14 +155,7 @@ def train(
             drop_last=len(train_ds) > cfg.batch_size,
         )
         total, n = 0.0, 0
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            unit="batch",
-            disable=not progress,
-            leave=False,
-            mininterval=_TQDM_INTERVAL,
-        )
+        bar = progress_bar(loader, f"epoch {epoch + 1}/{cfg.epochs}", "batch", progress)
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
@@ -229,7 +198,7 @@ def train(
         )
         msg = f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, val AUROC {val_auc:.4f}"
         if progress:
-            tqdm.write(msg + (" (best)" if improved else ""))
+            progress_write(msg + (" (best)" if improved else ""))
         log.info("epoch_done", **row, best=improved)
     else:
         stopped = False

@@ -5,9 +5,9 @@ import pytest
 from screener.engine import preprocessing as pp
 from screener.errors import DataError
 from tests.conftest import write_sheet
-from trainer import csxa
 from trainer.cli import main
-from trainer.data import prepare_samples
+from trainer.data import csxa
+from trainer.data.prepare import prepare_samples
 
 
 def test_loads_and_groups_patients(mini_csxa):

@@ -1,4 +1,4 @@
-"""Tests for trainer.oblique: the oblique-view loader (docs/stenosis-data.md)."""
+"""Tests for trainer.data.oblique: the oblique-view loader (docs/stenosis-data.md)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from screener.errors import DataError
-from trainer.csxa import LoadReport
-from trainer.oblique import ObliqueSample, load_oblique, parse_view, read_rectangle
+from trainer.data.csxa import LoadReport
+from trainer.data.oblique import ObliqueSample, load_oblique, parse_view, read_rectangle
 from trainer.splits import SplitSpec, split_groups
-from trainer.synth_oblique import describe_oblique, synthesize_oblique
+from trainer.synth.oblique import describe_oblique, synthesize_oblique
 
 N = 20
 SEED = 11

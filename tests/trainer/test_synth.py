@@ -12,8 +12,8 @@ import pytest
 from openpyxl import load_workbook
 from PIL import Image
 
-from trainer import synth
-from trainer.synth import KEYPOINT_LABELS, SynthResult, synthesize
+from trainer.synth import KEYPOINT_LABELS, SynthResult, drawing, synthesize
+from trainer.synth import lateral as synth
 
 N = 60
 SEED = 7
@@ -166,7 +166,7 @@ def test_keypoint_geometry_is_anatomical(dataset: SynthResult) -> None:
 def test_keypoints_on_body_corners_and_spurs_outside() -> None:
     rng = np.random.default_rng(3)
     for k in range(10):
-        anat = synth._sample_anatomy(np.random.default_rng([11, k]), healthy=False)
+        anat = drawing.sample_anatomy(np.random.default_rng([11, k]), healthy=False)
         view = synth.sample_view(rng, anat)
         sp = view.spine
         for i in range(6):
@@ -182,9 +182,9 @@ def test_keypoints_on_body_corners_and_spurs_outside() -> None:
 
 def test_healthy_anatomy_has_no_lesions() -> None:
     for k in range(20):
-        anat = synth._sample_anatomy(np.random.default_rng([5, k]), healthy=True)
+        anat = drawing.sample_anatomy(np.random.default_rng([5, k]), healthy=True)
         assert anat.lesions == () and anat.severity == 0.0
-        sick = synth._sample_anatomy(np.random.default_rng([5, k]), healthy=False)
+        sick = drawing.sample_anatomy(np.random.default_rng([5, k]), healthy=False)
         assert 1 <= len(sick.lesions) <= 4 and 0.3 <= sick.severity <= 1.0
 
 
@@ -218,7 +218,7 @@ def test_modes_present(dataset: SynthResult) -> None:
 
 
 def test_style_frequencies() -> None:
-    styles = [synth.sample_style(np.random.default_rng([1, i])) for i in range(3000)]
+    styles = [drawing.sample_style(np.random.default_rng([1, i])) for i in range(3000)]
     frac = lambda f: sum(map(f, styles)) / len(styles)  # noqa: E731
     assert 0.06 < frac(lambda s: s.inverted) < 0.10
     assert 0.17 < frac(lambda s: s.text) < 0.23
@@ -230,7 +230,7 @@ def test_style_frequencies() -> None:
 def test_bone_brighter_than_soft_tissue() -> None:
     """In the rendered (pre-polarity) image a body centre is brighter than the tissue in front of it."""
     for k in range(8):
-        anat = synth._sample_anatomy(np.random.default_rng([9, k]), healthy=k % 2 == 0)
+        anat = drawing.sample_anatomy(np.random.default_rng([9, k]), healthy=k % 2 == 0)
         rng = np.random.default_rng([9, k, 1])
         view = synth.sample_view(rng, anat)
         img = synth.render(view, rng)

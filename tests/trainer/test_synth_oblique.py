@@ -1,4 +1,4 @@
-"""Tests for trainer.synth_oblique: the synthetic oblique set must match docs/stenosis-data.md."""
+"""Tests for trainer.synth.oblique: the synthetic oblique set must match docs/stenosis-data.md."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from openpyxl import load_workbook
 
 from screener.engine import preprocessing as pp
-from trainer import synth_oblique as so
 from trainer.synth import SynthResult
-from trainer.synth_oblique import ImageInfo, describe_oblique, synthesize_oblique
+from trainer.synth import oblique as so
+from trainer.synth.oblique import ImageInfo, describe_oblique, synthesize_oblique
 
 N = 50  # >= 50: the set has a row without an image
 SEED = 3

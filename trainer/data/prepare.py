@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,14 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from screener.engine import preprocessing as pp
 from trainer.augment import Augment, augment
-from trainer.csxa import LoadReport, Sample
-
-# Progress bars redraw often on a terminal, rarely when stderr goes to a file (CI logs).
-_TQDM_INTERVAL = 0.5 if sys.stderr.isatty() else 30.0
+from trainer.data.csxa import LoadReport, Sample
+from trainer.progress import bar as progress_bar
 
 
 def image_mode(img: np.ndarray) -> str:
@@ -48,14 +44,7 @@ def prepare_samples(
     kept: list[Sample] = []
     arrays: list[np.ndarray] = []
     modes: Counter[str] = Counter()
-    for s in tqdm(
-        samples,
-        desc=f"preprocess {rcp.name}",
-        unit="img",
-        disable=not progress,
-        leave=False,
-        mininterval=_TQDM_INTERVAL,
-    ):
+    for s in progress_bar(samples, f"preprocess {rcp.name}", "img", progress):
         try:
             gray, mode = read_gray8(s.image_path)
             box = sample_box(s)
