@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from screener import config, logs
 from screener.errors import UserError
@@ -49,7 +50,7 @@ def build_demo(engines_dir: Path, names: Sequence[str], work: Path) -> None:
     for name in [n for n in ORDER if n in names]:
         size = DEMO[name]
         print(f"demo: building the {name} demo engine (small, synthetic, not validated)", file=sys.stderr)
-        common = dict(
+        common: dict[str, Any] = dict(
             out=engines_dir,
             image_size=size["image_size"],
             epochs=size["epochs"],

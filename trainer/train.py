@@ -116,7 +116,7 @@ def train(
     if cfg.balance == "oversample":
         per_item = class_weights(labels).numpy()[labels]
         sampler = WeightedRandomSampler(
-            torch.tensor(per_item, dtype=torch.double), len(labels), generator=torch.Generator().manual_seed(cfg.seed)
+            [float(w) for w in per_item], len(labels), generator=torch.Generator().manual_seed(cfg.seed)
         )
 
     start_epoch, best_auc, best_epoch, history, bad_epochs = 0, -math.inf, -1, [], 0

@@ -81,7 +81,7 @@ class PreparedDataset(Dataset):
     def __init__(
         self,
         images: np.ndarray,
-        labels: Sequence[int],
+        labels: Sequence[int] | np.ndarray,
         norm: pp.Normalization,
         aug: Augment | None = None,
         seed: int = 0,

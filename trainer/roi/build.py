@@ -51,7 +51,9 @@ CLASS_NAMES = ["cspine"]
 
 
 def _roots(opts: BuildOptions) -> tuple[list[Path], list[Path], list[dict[str, str]]]:
-    lateral, oblique, described = [], [], []
+    lateral: list[Path] = []
+    oblique: list[Path] = []
+    described: list[dict[str, str]] = []
     for r in opts.roots:
         if not r.is_dir():
             raise UserError(f"--data {r}: data folder not found")

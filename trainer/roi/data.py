@@ -91,6 +91,7 @@ def roi_items_from(
     tagged = [(Path(r), "lateral") for r in lateral_roots] + [(Path(r), "oblique") for r in oblique_roots]
     for k, (root, kind) in enumerate(tagged):
         prefix = f"{k}:{root.name}"
+        samples: Sequence[Any]
         if kind == "lateral":
             samples, report = csxa.load(root, need_keypoints=True)
             boxes = [s.box for s in samples]

@@ -55,6 +55,15 @@ def _contains(outer: Sequence[float], inner: Sequence[float], shape: tuple[int, 
     return ox0 <= ix0 + eps and oy0 <= iy0 + eps and ox1 >= ix1 - eps and oy1 >= iy1 - eps
 
 
+def _as_box(b: Sequence[float] | np.ndarray) -> pp.Box:
+    x0, y0, x1, y1 = (float(v) for v in b)
+    return x0, y0, x1, y1
+
+
+def _as_shape(s: Sequence[int] | np.ndarray) -> tuple[int, int]:
+    return int(s[0]), int(s[1])
+
+
 def box_metrics(
     pred_boxes: Sequence[pp.Box] | np.ndarray,
     true_boxes: Sequence[pp.Box] | np.ndarray,
@@ -68,11 +77,11 @@ def box_metrics(
     is); ``mean_edge_error_px``: mean absolute error of the four box edges; ``n``.
     Empty input gives ``n`` 0 and None for the rest.
     """
-    pred = [tuple(float(v) for v in b) for b in pred_boxes]
-    true = [tuple(float(v) for v in b) for b in true_boxes]
+    pred = [_as_box(b) for b in pred_boxes]
+    true = [_as_box(b) for b in true_boxes]
     if len(pred) != len(true):
         raise ValueError(f"{len(pred)} predicted boxes for {len(true)} annotated ones")
-    shp = [None] * len(true) if shapes is None else [tuple(int(v) for v in s) for s in shapes]
+    shp: list[tuple[int, int] | None] = [None] * len(true) if shapes is None else [_as_shape(s) for s in shapes]
     if len(shp) != len(true):
         raise ValueError(f"{len(shp)} image shapes for {len(true)} boxes")
     n = len(true)
@@ -150,12 +159,13 @@ def examples_figure(
     for j, i in enumerate(chosen):
         ax = fig.add_subplot(rows, cols, j + 1)
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
-        shape = tuple(int(v) for v in shapes[i])
-        for box, colour, style in (
-            (true[i], "lime", "-"),
+        shape = _as_shape(shapes[i])
+        drawn: list[tuple[pp.Box, str, str]] = [
+            (_as_box(true[i]), "lime", "-"),
             (pred[i], "red", "-"),
             (wide_window(pred[i], shape), "orange", "--"),
-        ):
+        ]
+        for box, colour, style in drawn:
             u = np.asarray(box_to_output(box, shape, rcp)) * size
             ax.add_patch(
                 Rectangle(
@@ -176,7 +186,7 @@ def iou_histogram(path: Path, ious: np.ndarray) -> Path | None:
 
     fig = _figure((5, 3))
     ax = fig.add_subplot(1, 1, 1)
-    ax.hist(ious, bins=np.linspace(0, 1, 41), color="steelblue")
+    ax.hist(ious, bins=np.linspace(0, 1, 41).tolist(), color="steelblue")
     ax.axvline(IOU_GOOD, color="red", linestyle="--", linewidth=1)
     ax.set_xlabel("IoU (test images)")
     ax.set_ylabel("images")

@@ -117,6 +117,7 @@ def sample_anatomy(rng: np.random.Generator, healthy: bool) -> Anatomy:
     )
     disc_base = rng.uniform(0.26, 0.34)
     discs = disc_base * np.array([0.8, 0.95, 1.0, 1.02, 1.0]) * rng.normal(1, 0.05, 5)
+    lesions: tuple[Lesion, ...]
     if healthy:
         curvature = int(rng.choice([1, 2, 3, 4, 5], p=[0.72, 0.18, 0.05, 0.05, 0.0]))
         severity, lesions = 0.0, ()
@@ -204,8 +205,8 @@ def rounded_outline(
     cut = np.empty((4, 2, 2))  # per corner: point on incoming edge, point on outgoing edge
     for k in range(4):
         c, prv, nxt = corners[k], corners[k - 1], corners[(k + 1) % 4]
-        a = c + (prv - c) * min(radius / max(np.linalg.norm(prv - c), 1e-9), 0.45)
-        b = c + (nxt - c) * min(radius / max(np.linalg.norm(nxt - c), 1e-9), 0.45)
+        a = c + (prv - c) * min(radius / max(float(np.linalg.norm(prv - c)), 1e-9), 0.45)
+        b = c + (nxt - c) * min(radius / max(float(np.linalg.norm(nxt - c)), 1e-9), 0.45)
         cut[k] = a, b
         kps[k] = 0.25 * a + 0.5 * c + 0.25 * b
     s = np.linspace(0.0, 1.0, n_edge + 2)[1:-1, None]
@@ -367,7 +368,7 @@ def stamp(att: np.ndarray, polys: Sequence[np.ndarray], value: float, sigma: flo
         cv2.polylines(mask, outlines, False, 255, thickness, cv2.LINE_AA, SHIFT)
     else:
         cv2.fillPoly(mask, outlines, 255, cv2.LINE_AA, SHIFT)
-    m = mask.astype(np.float32) * np.float32(value / 255.0)
+    m: np.ndarray = mask.astype(np.float32) * np.float32(value / 255.0)
     if sigma > 0:
         m = cv2.GaussianBlur(m, (0, 0), sigma)
     att[y0:y1, x0:x1] += m
@@ -437,7 +438,7 @@ def draw_vertebra(
         inward = ((c[3] + c[2]) / 2 - (c[0] + c[1]) / 2) * (1 if edge == 0 else -1)
         inward = inward / np.linalg.norm(inward)
         width = spine.u * (0.07 + 0.09 * min(strength, 1.2)) * rng.uniform(0.85, 1.15)
-        lm = np.zeros_like(mask)
+        lm: np.ndarray = np.zeros_like(mask)
         seg = np.array([p0 + inward * width * 0.5, p1 + inward * width * 0.5])
         cv2.polylines(lm, [fixed(seg, off)], False, 255, max(2, int(round(width))), cv2.LINE_AA, SHIFT)
         lm = cv2.GaussianBlur(lm.astype(np.float32) / 255.0, (0, 0), max(0.6, width * 0.25))
@@ -512,7 +513,7 @@ def soft_tissue(rng: np.random.Generator, view: View, jaw: np.ndarray, f: int) -
     yy = np.linspace(walls[0, 1] - 4 * u, walls[5, 1] + 4 * u, 40)
     fit = np.polyfit(walls[:, 1], walls[:, 0] - (walls[:, 0] - centres[:, 0]) * (1 - depth), 2)
     pts = np.stack([np.polyval(fit, yy), yy], axis=1)
-    m = np.zeros((hl, wl), np.uint8)
+    m: np.ndarray = np.zeros((hl, wl), np.uint8)
     width = max(1, int(rng.uniform(0.5, 0.9) * u / f))
     cv2.polylines(m, [fixed(pts / f)], False, 255, width, cv2.LINE_AA, SHIFT)
     m = cv2.GaussianBlur(m.astype(np.float32) / 255.0, (0, 0), max(0.8, 0.2 * u / f))

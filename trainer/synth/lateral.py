@@ -359,7 +359,7 @@ def render(view: View, rng: np.random.Generator) -> np.ndarray:
     rim_px = max(1.0, 0.06 * u * rng.uniform(0.8, 1.2))
     for i in range(6):
         draw_vertebra(att, texture, sp, i, mu_body * rng.uniform(0.93, 1.07), mu_rim, rim_px, rng)
-    img = 1.0 - cv2.exp(-att)
+    img: np.ndarray = 1.0 - cv2.exp(-att)
     # film grain (signal dependent), then the unsharpness of the system blurs image and grain alike
     img += rng.uniform(0.012, 0.04) * (0.4 + img) * grain(rng, (h, w))
     img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.6, 1.1) * max(1.0, u / 60))
@@ -448,7 +448,7 @@ def labelme(view: View, file_id: str, rng: np.random.Generator, duplicate_label:
     """LabelMe document with the 23 keypoints (plus a displaced second "C3 top right" if asked)."""
     kp = view.spine.keypoints + rng.normal(0, 0.012 * view.spine.u, (23, 2))
     kp = np.clip(kp, 0.0, [view.width - 1.0, view.height - 1.0])
-    shapes = []
+    shapes: list[dict[str, Any]] = []
     for label, (x, y) in zip(KEYPOINT_LABELS, kp):
         shapes.append(
             {

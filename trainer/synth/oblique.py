@@ -579,7 +579,7 @@ def _draw_posterior_oblique(att: np.ndarray, view: ObliqueView, rng: np.random.G
         return
     x0, y0, x1, y1 = box
     off = np.array([x0, y0], dtype=np.float64)
-    layer = np.zeros((y1 - y0, x1 - x0), np.float32)
+    layer: np.ndarray = np.zeros((y1 - y0, x1 - x0), np.float32)
     for poly, value in fill:
         cv2.fillPoly(layer, [drawing.fixed(poly, off)], float(value), cv2.LINE_8, drawing.SHIFT)
     for poly, value, th, closed in lines:
@@ -691,7 +691,7 @@ def render_oblique(view: ObliqueView, rng: np.random.Generator) -> np.ndarray:
     rim_px = max(1.0, 0.06 * u * rng.uniform(0.8, 1.2))
     for i in range(6):
         drawing.draw_vertebra(att, texture, sp, i, mu_body * rng.uniform(0.93, 1.07), mu_rim, rim_px, rng)
-    img = 1.0 - cv2.exp(-att)
+    img: np.ndarray = 1.0 - cv2.exp(-att)
     img += rng.uniform(0.012, 0.035) * (0.4 + img) * drawing.grain(rng, (h, w))
     img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.6, 1.0) * max(1.0, u / 70))
     lo, hi = rng.uniform(-0.06, 0.06), rng.uniform(0.9, 1.02)
