@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from screener.engine.metrics import roc_auc
 from screener.logs import get_logger
+from trainer.checkpoints import Checkpoints, RunState
 from trainer.data.prepare import PreparedDataset
 from trainer.progress import bar as progress_bar
 from trainer.progress import write as progress_write
@@ -104,7 +105,6 @@ def train(
     Files in `work_dir`: ``last.pt`` (everything needed to resume) and ``best.pt``
     (model weights of the best validation AUROC). A run that finds ``last.pt`` resumes.
     """
-    work_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model.to(device)
     opt = _optimizer(model, cfg)
@@ -119,27 +119,13 @@ def train(
             [float(w) for w in per_item], len(labels), generator=torch.Generator().manual_seed(cfg.seed)
         )
 
-    start_epoch, best_auc, best_epoch, history, bad_epochs = 0, -math.inf, -1, [], 0
-    last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
-    if resume and last_path.is_file():
-        state = torch.load(last_path, map_location=device, weights_only=False)
-        if _resumable(state.get("config", {}), cfg.to_dict()):
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start_epoch, best_auc, best_epoch = state["epoch"] + 1, state["best_auc"], state["best_epoch"]
-            history, bad_epochs = state["history"], state["bad_epochs"]
-            if state["config"].get("epochs") != cfg.epochs:
-                bad_epochs = 0  # extended run: give the new epochs a fair chance
-            log.info("training_resumed", epoch=start_epoch, best_val_auroc=best_auc)
-        else:
-            log.warning("checkpoint_ignored", reason="training configuration changed", file=str(last_path))
+    ckpt = Checkpoints(work_dir, best_key="best_auc", score_name="val_auroc")
+    run = ckpt.resume(model, opt, sched, cfg.to_dict(), device, _resumable) if resume else RunState()
 
     t0 = time.perf_counter()
     stopped = False
-    epoch = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        if bad_epochs >= cfg.patience:
+    for epoch in range(run.next_epoch, cfg.epochs):
+        if run.bad_epochs >= cfg.patience:
             stopped = True
             break
         model.train()
@@ -175,41 +161,19 @@ def train(
             "val_auroc": val_auc,
             "lr": opt.param_groups[0]["lr"],
         }
-        history.append(row)
-        improved = val_auc > best_auc
-        if improved:
-            best_auc, best_epoch, bad_epochs = val_auc, epoch + 1, 0
-            torch.save(model.state_dict(), best_path)
-        else:
-            bad_epochs += 1
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": epoch,
-                "best_auc": best_auc,
-                "best_epoch": best_epoch,
-                "history": history,
-                "bad_epochs": bad_epochs,
-                "config": cfg.to_dict(),
-            },
-            last_path,
-        )
+        improved = run.record(epoch, row, val_auc)
+        ckpt.save(model, opt, sched, run, cfg.to_dict(), improved)
         msg = f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, val AUROC {val_auc:.4f}"
         if progress:
             progress_write(msg + (" (best)" if improved else ""))
         log.info("epoch_done", **row, best=improved)
-    else:
-        stopped = False
-    if best_path.is_file():
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+    ckpt.restore_best(model, device)
     return TrainResult(
-        best_epoch,
-        float(best_auc if best_auc > -math.inf else float("nan")),
-        len(history),
+        run.best_epoch,
+        run.best_or_nan,
+        len(run.history),
         stopped,
-        history,
+        run.history,
         time.perf_counter() - t0,
         str(device),
     )

@@ -3,7 +3,6 @@ validation mean IoU (in source pixels), best checkpoint kept, resumable."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from screener.engine import preprocessing as pp
 from screener.logs import get_logger
+from trainer.checkpoints import Checkpoints, RunState
 from trainer.progress import bar as progress_bar
 from trainer.progress import write as progress_write
 from trainer.roi.data import RoiDataset, tensors
@@ -103,30 +103,18 @@ def train_roi(
     """Train with early stopping on validation mean IoU (in source pixels).
 
     ``work_dir/last.pt`` holds everything needed to resume; ``best.pt`` the best weights."""
-    work_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
         opt, T_max=max(1, cfg.epochs), eta_min=cfg.lr * cfg.min_lr_fraction
     )
-    start_epoch, best, best_epoch, history, bad_epochs = 0, -math.inf, -1, [], 0
-    last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
-    if resume and last_path.is_file():
-        state = torch.load(last_path, map_location=device, weights_only=False)
-        if state.get("config") == cfg.to_dict():
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
-            history, bad_epochs = state["history"], state["bad_epochs"]
-            log.info("training_resumed", epoch=start_epoch, best_val_mean_iou=best)
-        else:
-            log.warning("checkpoint_ignored", reason="training configuration changed", file=str(last_path))
+    ckpt = Checkpoints(work_dir, best_key="best", score_name="val_mean_iou")
+    run = ckpt.resume(model, opt, sched, cfg.to_dict(), device) if resume else RunState()
     t0 = time.perf_counter()
     stopped = False
-    for epoch in range(start_epoch, cfg.epochs):
-        if bad_epochs >= cfg.patience:
+    for epoch in range(run.next_epoch, cfg.epochs):
+        if run.bad_epochs >= cfg.patience:
             stopped = True
             break
         model.train()
@@ -169,27 +157,8 @@ def train_roi(
             "val_wide_crop_containment": val["wide_crop_containment"] or 0.0,
             "lr": opt.param_groups[0]["lr"],
         }
-        history.append(row)
-        improved = val_iou > best
-        if improved:
-            best, best_epoch, bad_epochs = val_iou, epoch + 1, 0
-            torch.save(model.state_dict(), best_path)
-        else:
-            bad_epochs += 1
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": epoch,
-                "best": best,
-                "best_epoch": best_epoch,
-                "history": history,
-                "bad_epochs": bad_epochs,
-                "config": cfg.to_dict(),
-            },
-            last_path,
-        )
+        improved = run.record(epoch, row, val_iou)
+        ckpt.save(model, opt, sched, run, cfg.to_dict(), improved)
         msg = (
             f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, val mean IoU {val_iou:.4f}, "
             f"IoU>=0.7 {row['val_share_iou_ge_0_7']:.3f}"
@@ -197,14 +166,13 @@ def train_roi(
         if progress:
             progress_write(msg + (" (best)" if improved else ""))
         log.info("epoch_done", **row, best=improved)
-    if best_path.is_file():
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+    ckpt.restore_best(model, device)
     return RoiTrainResult(
-        best_epoch,
-        float(best if best > -math.inf else float("nan")),
-        len(history),
+        run.best_epoch,
+        run.best_or_nan,
+        len(run.history),
         stopped,
-        history,
+        run.history,
         time.perf_counter() - t0,
         str(device),
     )
