@@ -1,9 +1,11 @@
 """`trainer build-engine`: data -> split -> train -> evaluate -> export -> manifest.
 
-The engine is assembled in ``<out>/.<task>.building`` and swapped into
-``<out>/<task>`` only when complete, so a failed build never replaces a working
-engine. Training checkpoints live in ``<out>/.work/<task>`` so an interrupted
-build resumes where it stopped.
+The classifier builds (spondylosis, stenosis) are here; ``--task roi`` goes to
+`trainer.roi.build`. Both take one `BuildOptions` and share the steps around their
+training loops (`trainer.steps`, `trainer.checkpoints`): the engine is assembled in
+``<out>/.<task>.building`` and swapped into ``<out>/<task>`` only when complete, so a
+failed build never replaces a working engine; training checkpoints live in
+``<out>/.work/<task>`` so an interrupted build resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from trainer.splits import SplitSpec, split_counts, split_groups
 from trainer.train import TrainConfig, predict_proba, train
 
 log = get_logger(__name__)
+
+__all__ = ["TASKS", "BuildOptions", "PreparedData", "build_engine", "load_prepared", "load_samples"]
 
 
 @dataclass(frozen=True)
