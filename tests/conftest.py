@@ -27,7 +27,7 @@ def write_sheet(path: Path, rows, header=HEADER, super_header=True):
     ws = wb.active
     ws.title = "Sheet1"
     if super_header:
-        ws.append(["CSXA measurements"])
+        ws.append([super_header if isinstance(super_header, str) else "CSXA measurements"])
     ws.append(header)
     for r in rows:
         ws.append(list(r))

@@ -75,7 +75,24 @@ def fingerprint(samples: Sequence[Any], root: Path) -> str:
     return h.hexdigest()
 
 
-class PreparedDataset(Dataset):
+class StoredImages(Dataset):
+    """Images prepared once, normalized per item; the training loop sets `epoch`, so each
+    (seed, epoch, item) draws its own reproducible augmentation (`rng`)."""
+
+    def __init__(self, images: np.ndarray, norm: pp.Normalization, seed: int = 0) -> None:
+        self.images = images
+        self.norm = norm
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng((self.seed, self.epoch, i))
+
+
+class PreparedDataset(StoredImages):
     """Prepared uint8 images -> normalized tensors, with optional augmentation."""
 
     def __init__(
@@ -86,19 +103,12 @@ class PreparedDataset(Dataset):
         aug: Augment | None = None,
         seed: int = 0,
     ) -> None:
-        self.images = images
+        super().__init__(images, norm, seed)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.norm = norm
         self.aug = aug
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.images[i]
         if self.aug is not None:
-            rng = np.random.default_rng((self.seed, self.epoch, i))
-            img = augment(img, rng, self.aug)
+            img = augment(img, self.rng(i), self.aug)
         return torch.from_numpy(pp.normalize(img, self.norm)), int(self.labels[i])

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from screener.engine import preprocessing as pp
 from screener.engine.roi import box_to_output
 from screener.logs import get_logger
 from trainer.data import csxa
+from trainer.data.prepare import StoredImages, read_gray8
 from trainer.progress import bar as progress_bar
 from trainer.splits import SplitSpec, split_groups
 
@@ -167,8 +167,6 @@ def prepare_roi_data(
     items: Sequence[RoiItem], rcp: pp.Recipe, problems: dict[str, Any] | None = None, progress: bool = False
 ) -> RoiData:
     """Read and prepare every image once (shared preprocessing); unreadable ones are skipped and listed."""
-    from trainer.data.prepare import read_gray8
-
     if rcp.crop != "full" or rcp.colour != "gray":
         raise ValueError(f"recipe {rcp.name}: the ROI engine needs crop 'full' and colour 'gray'")
     kept: list[RoiItem] = []
@@ -295,7 +293,7 @@ def augment_roi(
     return np.ascontiguousarray(out), b.astype(np.float32)
 
 
-class RoiDataset(Dataset):
+class RoiDataset(StoredImages):
     """Stored gray squares -> (normalized tensor, normalized box), with optional augmentation."""
 
     def __init__(
@@ -306,18 +304,12 @@ class RoiDataset(Dataset):
         aug: RoiAugment | None = None,
         seed: int = 0,
     ) -> None:
-        self.images = images
+        super().__init__(images, norm, seed)
         self.targets = np.asarray(targets, dtype=np.float32)
-        self.norm = norm
         self.aug = aug
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img, box = self.images[i], self.targets[i]
         if self.aug is not None and self.aug != NO_AUGMENT:
-            img, box = augment_roi(img, box, np.random.default_rng((self.seed, self.epoch, i)), self.aug)
+            img, box = augment_roi(img, box, self.rng(i), self.aug)
         return torch.from_numpy(to_tensor(img, self.norm)), torch.from_numpy(np.asarray(box, np.float32))
