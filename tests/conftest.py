@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from trainer.csxa import KEYPOINT_LABELS  # noqa: E402
+from trainer.data.csxa import KEYPOINT_LABELS  # noqa: E402
 
 HEADER = [
     "Number",
@@ -27,7 +27,7 @@ def write_sheet(path: Path, rows, header=HEADER, super_header=True):
     ws = wb.active
     ws.title = "Sheet1"
     if super_header:
-        ws.append(["CSXA measurements"])
+        ws.append([super_header if isinstance(super_header, str) else "CSXA measurements"])
     ws.append(header)
     for r in rows:
         ws.append(list(r))
@@ -111,7 +111,7 @@ def all_engines(built, tmp_path_factory):
     import shutil
 
     from trainer.build import BuildOptions, build_engine
-    from trainer.synth_oblique import synthesize_oblique
+    from trainer.synth import synthesize_oblique
 
     root = tmp_path_factory.mktemp("all-engines")
     engines = root / "engines"
