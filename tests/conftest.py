@@ -149,3 +149,14 @@ def all_engines(built, tmp_path_factory):
         )
     )
     return {"dir": engines, "oblique": oblique, "roi": roi, "stenosis": stenosis}
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging_config():
+    """A test that starts a node configures structlog (level, renderer) for the whole process; give the
+    next test the configuration it started with, so log-capturing tests do not depend on test order."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
