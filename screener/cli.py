@@ -167,7 +167,7 @@ def cmd_replay(settings: config.Settings, args: argparse.Namespace) -> int:
     settings = dataclasses.replace(settings, engines=eng)
     engines = load_engines(settings)
     out = args.out or folder.with_name(folder.name.rstrip("/") + "-audit")
-    screener = Screener(engines, settings.routing, settings.schedule.batch_max_size)
+    screener = Screener(engines, settings.routing, settings.schedule.batch_max_size, settings.limits)
     summary = rp.replay(folder, out, screener, engines, chunk=settings.schedule.batch_max_size, progress=not args.quiet)
     print(
         f"{summary.files} files: {summary.screened} screened, {summary.skipped} skipped, {summary.failed} failed; "

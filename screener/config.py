@@ -81,6 +81,52 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """What a received image may declare before the node decodes it (checked from the header).
+
+    The defaults fit radiographs: CR and DX images are one frame (their IODs have no multi-frame
+    module), monochrome (colour is accepted for secondary exports: 3 samples of 8 bits), at most
+    16 bits allocated and, at 0.1 mm per pixel, 8192 px cover 82 cm. `max_dataset_mb` bounds the
+    size of a data set as stored and, for Deflated transfer syntax, as inflated (while receiving
+    and while reading); it must hold the largest allowed native image (8192 x 8192 x 2 bytes
+    = 128 MiB)."""
+
+    max_rows: int = 8192
+    max_columns: int = 8192
+    max_frames: int = 1
+    max_samples_per_pixel: int = 3
+    max_bits_allocated: int = 16
+    max_dataset_mb: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "max_columns", "max_frames", "max_dataset_mb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"limits.{name}: must be at least 1")
+        if self.max_rows > 65535 or self.max_columns > 65535:
+            raise ConfigError("limits.max_rows/max_columns: at most 65535 (the US value range of Rows/Columns)")
+        if self.max_samples_per_pixel not in (1, 3):
+            raise ConfigError("limits.max_samples_per_pixel: expected 1 (monochrome only) or 3 (colour too)")
+        if self.max_bits_allocated not in (8, 16, 32):
+            raise ConfigError("limits.max_bits_allocated: expected 8, 16 or 32")
+        if self.max_pixel_bytes > self.max_dataset_bytes:
+            raise ConfigError(
+                "limits.max_dataset_mb: smaller than the largest image the other limits allow "
+                f"({-(-self.max_pixel_bytes // (1 << 20))} MB)"
+            )
+
+    @property
+    def max_dataset_bytes(self) -> int:
+        return self.max_dataset_mb << 20
+
+    @property
+    def max_pixel_bytes(self) -> int:
+        """Native pixel data of the largest image the limits allow (one byte per 8-bit colour sample)."""
+        largest_mono = self.max_rows * self.max_columns * (self.max_bits_allocated // 8)
+        largest_colour = self.max_rows * self.max_columns * self.max_samples_per_pixel if self.max_samples_per_pixel > 1 else 0
+        return max(largest_mono, largest_colour) * self.max_frames
+
+
+@dataclass(frozen=True)
 class Destination:
     ae_title: str
     host: str
@@ -110,6 +156,7 @@ class Settings:
     destinations: list[Destination] = field(default_factory=list)
     routing: list[RoutingRule] = field(default_factory=list)
     sr_folder: str = ""
+    limits: LimitSettings = field(default_factory=LimitSettings)
 
 
 def _type_name(tp: Any) -> str:
