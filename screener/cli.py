@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("complete", help="screen a study now instead of waiting for study_stable_s")
     _add_config(c)
     c.add_argument("study_uid", nargs="+")
+    ro = sub.add_parser("route", help="which routing rule and engines each DICOM file gets, and why")
+    _add_config(ro)
+    ro.add_argument("files", nargs="+", type=Path)
     return p
 
 
@@ -218,6 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_replay(settings, args)
         if args.command == "complete":
             return cmd_complete(settings, args.study_uid)
+        if args.command == "route":
+            from screener.routing import explain_file
+
+            for f in args.files:
+                print(explain_file(str(f), settings.routing, settings.limits))
+            return 0
     except UserError as exc:
         print(f"screener: error: {exc}", file=sys.stderr)
         return 2

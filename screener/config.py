@@ -8,6 +8,7 @@ Command-line overrides are applied with `with_overrides`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -135,7 +136,13 @@ class Destination:
 
 @dataclass(frozen=True)
 class RoutingRule:
-    """Engines to run on an image whose DICOM attributes match every given pattern."""
+    """Engines to run on an image whose DICOM attributes match every given pattern.
+
+    ``view_code``: code values (SNOMED CT) of the first View Code Sequence (0054,0220) item.
+    ``description_pattern``: regular expressions (case-insensitive, searched) of which one must
+    match the Series Description or the Protocol Name. ``side``: "L" or "R" forces the side of
+    the view; "" takes it from the view (View Position term, View Code, Image Laterality), see
+    `screener.routing`. ``mirror`` (older configurations): side "R" when the view gives none."""
 
     name: str
     engines: list[str]
@@ -144,8 +151,73 @@ class RoutingRule:
     view_position: list[str] = field(default_factory=list)
     laterality: list[str] = field(default_factory=list)
     series_description_contains: list[str] = field(default_factory=list)
+    view_code: list[str] = field(default_factory=list)
+    description_pattern: list[str] = field(default_factory=list)
+    side: str = ""
     mirror: bool = False
 
+    def __post_init__(self) -> None:
+        if self.side.upper() not in ("", "L", "R"):
+            raise ConfigError(f"routing {self.name!r}: side must be 'L', 'R' or '' (from the view)")
+        for pattern in self.description_pattern:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"routing {self.name!r}: description_pattern {pattern!r}: {exc}") from None
+
+
+# SNOMED CT view codes (DICOM CID 4010 "DX View"; SNOMED CT projection qualifier values).
+VIEW_CODES_LATERAL = ["399067008", "399173006", "399198007"]  # lateral, left lateral, right lateral
+VIEW_CODES_OBLIQUE = ["260421001", "260424009", "399184004", "399236003"]  # LLO, RLO, left/right oblique
+_SIDE = r"(L|LT|LEFT)"
+_RSIDE = r"(R|RT|RIGHT)"
+
+
+def default_routing() -> list[RoutingRule]:
+    """The built-in rules (used when config.toml has no [[routing]]; config.toml lists the same).
+
+    In order: View Position's defined terms (PS3.3 C.8.11.5 / C.8.11.7: LL, RL lateral; LLO, RLO
+    obliques; LAO, LPO, RAO, RPO kept as aliases), then View Code Sequence codes when View Position
+    is empty, then Series Description / Protocol Name patterns when both are empty."""
+    cr_dx = ["CR", "DX"]
+    return [
+        RoutingRule("lateral", ["spondylosis"], modality=cr_dx, view_position=["LL", "RL", "LATERAL", "LAT"]),
+        RoutingRule(
+            "oblique", ["roi", "stenosis"], modality=cr_dx, view_position=["LLO", "RLO", "LAO", "LPO", "RAO", "RPO"]
+        ),
+        RoutingRule(
+            "lateral-by-view-code", ["spondylosis"], modality=cr_dx, view_position=[""], view_code=VIEW_CODES_LATERAL
+        ),
+        RoutingRule(
+            "oblique-by-view-code", ["roi", "stenosis"], modality=cr_dx, view_position=[""], view_code=VIEW_CODES_OBLIQUE
+        ),
+        RoutingRule(
+            "left-oblique-by-description",
+            ["roi", "stenosis"],
+            modality=cr_dx,
+            view_position=[""],
+            view_code=[""],
+            description_pattern=[rf"\b(LAO|LPO|LLO)\b", rf"\bOBL\w*\W+{_SIDE}\b", rf"\b{_SIDE}\W+(\w+\W+)?OBL"],
+            side="L",
+        ),
+        RoutingRule(
+            "right-oblique-by-description",
+            ["roi", "stenosis"],
+            modality=cr_dx,
+            view_position=[""],
+            view_code=[""],
+            description_pattern=[rf"\b(RAO|RPO|RLO)\b", rf"\bOBL\w*\W+{_RSIDE}\b", rf"\b{_RSIDE}\W+(\w+\W+)?OBL"],
+            side="R",
+        ),
+        RoutingRule(
+            "lateral-by-description",
+            ["spondylosis"],
+            modality=cr_dx,
+            view_position=[""],
+            view_code=[""],
+            description_pattern=[r"^(?!.*OBL).*\bLAT(ERAL)?\b"],
+        ),
+    ]
 
 @dataclass(frozen=True)
 class Settings:
@@ -154,7 +226,7 @@ class Settings:
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     engines: EngineSettings = field(default_factory=EngineSettings)
     destinations: list[Destination] = field(default_factory=list)
-    routing: list[RoutingRule] = field(default_factory=list)
+    routing: list[RoutingRule] = field(default_factory=default_routing)
     sr_folder: str = ""
     limits: LimitSettings = field(default_factory=LimitSettings)
 

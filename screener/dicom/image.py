@@ -280,22 +280,28 @@ def header_attributes(ds: pydicom.Dataset) -> dict[str, str]:
     """Routing-relevant attributes, uppercased, '' when absent. No patient data.
 
     Keys: Modality, BodyPartExamined, ViewPosition, Laterality (Image Laterality,
-    else series Laterality), SeriesDescription, ViewCodeMeaning (first item of the
-    View Code Sequence, which DX images often carry instead of View Position),
-    SOPClassUID (as is).
+    else series Laterality), SeriesDescription, ProtocolName, ViewCode and
+    ViewCodeMeaning (Code Value and Code Meaning of the first item of the View Code
+    Sequence, which DX images often carry instead of View Position), SOPClassUID (as is).
     """
     laterality = _text(ds, "ImageLaterality") or _text(ds, "Laterality")
-    view_code = ""
-    seq = ds.get("ViewCodeSequence")
-    if seq:
-        view_code = str(seq[0].get("CodeMeaning", "") or "").strip().upper()
+    view_code = view_meaning = ""
+    try:
+        seq = ds.get("ViewCodeSequence")
+        if seq:
+            view_code = str(seq[0].get("CodeValue", "") or "").strip().upper()
+            view_meaning = str(seq[0].get("CodeMeaning", "") or "").strip().upper()
+    except Exception:  # a malformed sequence routes like an absent one
+        view_code = view_meaning = ""
     return {
         "Modality": _text(ds, "Modality"),
         "BodyPartExamined": _text(ds, "BodyPartExamined"),
         "ViewPosition": _text(ds, "ViewPosition"),
         "Laterality": laterality,
         "SeriesDescription": _text(ds, "SeriesDescription"),
-        "ViewCodeMeaning": view_code,
+        "ProtocolName": _text(ds, "ProtocolName"),
+        "ViewCode": view_code,
+        "ViewCodeMeaning": view_meaning,
         "SOPClassUID": str(ds.get("SOPClassUID", "") or ""),
     }
 

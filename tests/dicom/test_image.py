@@ -288,7 +288,7 @@ def test_corrupt_compressed_data_is_a_decode_error():
 def test_multiframe_uses_first_frame():
     a, b = phantom(seed=1), phantom(seed=2)
     multi = make_ds(np.stack([a, b]))
-    two_frames = LimitSettings(max_frames=2)
+    two_frames = LimitSettings(max_frames=2, max_dataset_mb=512)
     np.testing.assert_array_equal(dataset_to_gray8(multi, two_frames), dataset_to_gray8(make_ds(a)))
     with pytest.raises(ImageDecodeError, match="NumberOfFrames exceeds the limit of 1"):
         dataset_to_gray8(multi)  # CR and DX are single-frame: the default limit
@@ -365,6 +365,8 @@ def test_header_attributes():
         "ViewPosition": "LL",
         "Laterality": "R",
         "SeriesDescription": "C-SPINE LAT",
+        "ProtocolName": "",
+        "ViewCode": "399067008",
         "ViewCodeMeaning": "LATERAL",
         "SOPClassUID": DX,
     }
