@@ -123,7 +123,9 @@ class LimitSettings:
     def max_pixel_bytes(self) -> int:
         """Native pixel data of the largest image the limits allow (one byte per 8-bit colour sample)."""
         largest_mono = self.max_rows * self.max_columns * (self.max_bits_allocated // 8)
-        largest_colour = self.max_rows * self.max_columns * self.max_samples_per_pixel if self.max_samples_per_pixel > 1 else 0
+        largest_colour = (
+            self.max_rows * self.max_columns * self.max_samples_per_pixel if self.max_samples_per_pixel > 1 else 0
+        )
         return max(largest_mono, largest_colour) * self.max_frames
 
 
@@ -189,7 +191,11 @@ def default_routing() -> list[RoutingRule]:
             "lateral-by-view-code", ["spondylosis"], modality=cr_dx, view_position=[""], view_code=VIEW_CODES_LATERAL
         ),
         RoutingRule(
-            "oblique-by-view-code", ["roi", "stenosis"], modality=cr_dx, view_position=[""], view_code=VIEW_CODES_OBLIQUE
+            "oblique-by-view-code",
+            ["roi", "stenosis"],
+            modality=cr_dx,
+            view_position=[""],
+            view_code=VIEW_CODES_OBLIQUE,
         ),
         RoutingRule(
             "left-oblique-by-description",
@@ -197,7 +203,7 @@ def default_routing() -> list[RoutingRule]:
             modality=cr_dx,
             view_position=[""],
             view_code=[""],
-            description_pattern=[rf"\b(LAO|LPO|LLO)\b", rf"\bOBL\w*\W+{_SIDE}\b", rf"\b{_SIDE}\W+(\w+\W+)?OBL"],
+            description_pattern=[r"\b(LAO|LPO|LLO)\b", rf"\bOBL\w*\W+{_SIDE}\b", rf"\b{_SIDE}\W+(\w+\W+)?OBL"],
             side="L",
         ),
         RoutingRule(
@@ -206,7 +212,7 @@ def default_routing() -> list[RoutingRule]:
             modality=cr_dx,
             view_position=[""],
             view_code=[""],
-            description_pattern=[rf"\b(RAO|RPO|RLO)\b", rf"\bOBL\w*\W+{_RSIDE}\b", rf"\b{_RSIDE}\W+(\w+\W+)?OBL"],
+            description_pattern=[r"\b(RAO|RPO|RLO)\b", rf"\bOBL\w*\W+{_RSIDE}\b", rf"\b{_RSIDE}\W+(\w+\W+)?OBL"],
             side="R",
         ),
         RoutingRule(
@@ -218,6 +224,7 @@ def default_routing() -> list[RoutingRule]:
             description_pattern=[r"^(?!.*OBL).*\bLAT(ERAL)?\b"],
         ),
     ]
+
 
 @dataclass(frozen=True)
 class Settings:

@@ -26,6 +26,7 @@ from screener.dicom.image import (
     ImageDecodeError,
     dataset_to_gray8,
     header_attributes,
+    pixel_spacing_mm,
     read_spooled,
 )
 from screener.engine import preprocessing as pp
@@ -194,7 +195,9 @@ class Screener:
             box = boxes.get(id(pe)) if rcp.needs_box else None
             mirror = bool(pe.outcome.route and rcp.mirrors(pe.outcome.route.laterality))
             try:
-                tensors.append(pp.preprocess(pe.gray, rcp, norm, box, mirror=mirror))
+                # to the training images' scale first (a no-op for images already at it), see preprocessing
+                gray, box, _ = pp.to_training_scale(pe.gray, box, man.pixel_scale, pixel_spacing_mm(pe.outcome.header))
+                tensors.append(pp.preprocess(gray, rcp, norm, box, mirror=mirror))
             except ValueError as exc:
                 pe.outcome.failed = f"{name}: preprocessing failed ({exc})"
                 continue

@@ -83,6 +83,7 @@ class BuildOptions:
     progress: bool = True
     n_boot: int = 2000
     stn: bool = False
+    mm_per_pixel: float = 0.0  # the training images' mm per pixel, when known (0: unknown)
 
 
 @dataclass
@@ -346,6 +347,7 @@ def build_engine(opts: BuildOptions) -> Path:
         demo=opts.demo,
         software_version=screener.__version__,
         notes=notes,
+        pixel_scale=mf.measure_training_scale([s.image_path for s in data.samples], opts.mm_per_pixel),
     )
     final = mf.install(manifest, building, opts.out)
     log.info(

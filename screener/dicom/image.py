@@ -49,7 +49,6 @@ from pydicom.pixels import apply_modality_lut, apply_voi, pixel_array
 from pydicom.uid import UID
 
 from screener.config import LimitSettings
-from screener.dicom import jpeg12
 from screener.engine.preprocessing import to_gray8
 from screener.logs import get_logger
 
@@ -569,7 +568,9 @@ def read_spooled(path: str | os.PathLike[str], limits: LimitSettings | None = No
         raise ImageDecodeError("Deflated data set is corrupt or truncated") from None
     except ValueError as exc:
         if "inflated data set exceeds" in str(exc):
-            raise ImageDecodeError(f"Deflated data set inflates beyond the limit of {limits.max_dataset_mb} MB") from None
+            raise ImageDecodeError(
+                f"Deflated data set inflates beyond the limit of {limits.max_dataset_mb} MB"
+            ) from None
         raise ImageDecodeError(f"not a readable DICOM file ({type(exc).__name__})") from None
     except (InvalidDicomError, OSError, EOFError, struct.error, KeyError, TypeError, IndexError) as exc:
         raise ImageDecodeError(f"not a readable DICOM file ({type(exc).__name__})") from None
@@ -593,3 +594,23 @@ def _read_deflated(path: Path, limits: LimitSettings) -> pydicom.Dataset:
     ds = pydicom.dataset.FileDataset(str(path), dataset, preamble, file_meta, False, True)
     ds.set_original_encoding(False, True, dataset._character_set)
     return ds
+
+
+def pixel_spacing_mm(ds: pydicom.Dataset | None) -> float | None:
+    """mm per pixel of the image: Pixel Spacing (0028,0030), else Imager Pixel Spacing (0018,1164),
+    the mean of row and column spacing; None when absent or not two positive numbers."""
+    if ds is None:
+        return None
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            value = ds.get(keyword)
+            if value is None:
+                continue
+            values = [
+                float(v) for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value])
+            ]
+        except (TypeError, ValueError):
+            continue
+        if len(values) == 2 and all(np.isfinite(v) and 0 < v < 10 for v in values):
+            return (values[0] + values[1]) / 2.0
+    return None
