@@ -49,10 +49,12 @@ from pydicom.pixels import apply_modality_lut, apply_voi, pixel_array
 from pydicom.uid import UID
 
 from screener.config import LimitSettings
+from screener.dicom import jpeg12
 from screener.engine.preprocessing import to_gray8
 from screener.logs import get_logger
 
 log = get_logger(__name__)
+jpeg12.register()  # 12-bit JPEG Extended (.4.51) through GDCM: see screener/dicom/jpeg12.py
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
@@ -127,6 +129,10 @@ def _decode_first_frame(ds: pydicom.Dataset) -> np.ndarray:
         raise
     except Exception as exc:  # any decoder failure: corrupt, truncated, no codec
         raise ImageDecodeError(f"pixel data could not be decoded: {_short(exc)}") from None
+    except BaseException as exc:  # a Rust decoder's panic (pyo3 PanicException) is a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        raise ImageDecodeError(f"pixel data could not be decoded: decoder aborted ({type(exc).__name__})") from None
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
@@ -220,7 +226,12 @@ def dataset_to_gray8(ds: pydicom.Dataset, limits: LimitSettings | None = None) -
     Raises `ImageDecodeError` (short reason) for missing/corrupt/truncated pixel
     data, a missing decoder or an unsupported photometric interpretation.
     """
-    photometric = _check_header(ds, limits)
+    try:
+        photometric = _check_header(ds, limits)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # a header value pydicom cannot convert (wrong VR, garbage bytes)
+        raise ImageDecodeError(f"image header cannot be parsed ({type(exc).__name__})") from None
     arr = _decode_first_frame(ds)
 
     if photometric in COLOUR or arr.ndim == 3:
@@ -576,9 +587,28 @@ def read_spooled(path: str | os.PathLike[str], limits: LimitSettings | None = No
         raise ImageDecodeError(f"not a readable DICOM file ({type(exc).__name__})") from None
     if len(ds) == 0:
         raise ImageDecodeError("data set empty after the file meta information (truncated or corrupt)")
+    _drop_unparseable(ds)
     if not str(ds.get("SOPClassUID", "") or "").strip():
         raise ImageDecodeError("SOPClassUID missing (data set truncated or corrupt)")
     return ds
+
+
+def _drop_unparseable(ds: pydicom.Dataset) -> None:
+    """Convert every top-level element now (pixel data aside) and drop those pydicom cannot parse
+    (an unknown VR, a value that does not fit its VR: corruption), so that no later access raises;
+    the stored file is untouched. Dropped tags are logged, never their values."""
+    bad = []
+    for tag in list(ds.keys()):
+        if tag == 0x7FE00010:
+            continue
+        try:
+            ds[tag]
+        except Exception:  # noqa: BLE001 - any parser error means this element is unusable
+            bad.append(tag)
+    for tag in bad:
+        del ds[tag]
+    if bad:
+        log.warning("dicom.unparseable_elements_dropped", tags=[f"{int(t):08X}" for t in bad[:10]], count=len(bad))
 
 
 def _read_deflated(path: Path, limits: LimitSettings) -> pydicom.Dataset:
