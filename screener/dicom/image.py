@@ -619,6 +619,7 @@ def _read_deflated(path: Path, limits: LimitSettings) -> pydicom.Dataset:
         preamble = read_preamble(fp, False)
         file_meta = _read_file_meta_info(fp)
         zipped = fp.read()
+    inflated_size_within(zipped, limits.max_dataset_bytes)  # a bomb costs a chunk of memory, not its size
     buffer = DicomBytesIO(inflate_bounded(zipped, limits.max_dataset_bytes))
     dataset = read_dataset(buffer, False, True)
     ds = pydicom.dataset.FileDataset(str(path), dataset, preamble, file_meta, False, True)
