@@ -346,7 +346,10 @@ def send_all(
             except Exception:  # noqa: BLE001
                 continue
         for ts in sorted(syntaxes):
-            ae.add_requested_context(DX, ts)
+            try:
+                ae.add_requested_context(DX, ts)
+            except ValueError:  # not a valid UID: such a file is reported "not sent"
+                continue
         assoc = ae.associate("127.0.0.1", node.port, ae_title="CSPINE")
         for kind, p in chunk:
             if not assoc.is_established:
