@@ -27,6 +27,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -242,8 +243,11 @@ class NodeProcess:
         self.log = open(work / "node.log", "ab")  # noqa: SIM115
 
     def start(self) -> None:
+        root = str(Path(__file__).resolve().parents[1])  # this checkout's screener, not an installed one
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "screener.cli", "serve", "--config", str(self.config)],
+            env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -346,10 +350,9 @@ def send_all(
             except Exception:  # noqa: BLE001
                 continue
         for ts in sorted(syntaxes):
-            try:
-                ae.add_requested_context(DX, ts)
-            except ValueError:  # not a valid UID: such a file is reported "not sent"
-                continue
+            if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", ts) or len(ts) > 64:
+                continue  # a corrupt Transfer Syntax UID in the file meta: such a file is "not sent"
+            ae.add_requested_context(DX, ts)
         assoc = ae.associate("127.0.0.1", node.port, ae_title="CSPINE")
         for kind, p in chunk:
             if not assoc.is_established:
