@@ -328,6 +328,28 @@ def instance_states(var: Path) -> dict[str, int]:
         con.close()
 
 
+def _valid_uid(value: object) -> bool:
+    text = str(value or "")
+    return len(text) <= 64 and re.fullmatch(r"[0-9]+(\.[0-9]+)*", text) is not None
+
+
+def _sendable_meta(path: Path) -> str | None:
+    """The file's transfer syntax when its file meta names a DX instance with valid UIDs, else None
+    (the file meta is not sent on the wire, but a sender needs it to know what to send)."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        ts, sop, cls = (
+            meta.get("TransferSyntaxUID"),
+            meta.get("MediaStorageSOPInstanceUID"),
+            meta.get("MediaStorageSOPClassUID"),
+        )
+    except Exception:  # noqa: BLE001
+        return None
+    if str(cls) != DX or not _valid_uid(sop) or not _valid_uid(ts):
+        return None
+    return str(ts)
+
+
 def send_all(
     files: list[tuple[str, Path]], node: NodeProcess, batch: int = 50
 ) -> tuple[collections.Counter, dict[str, collections.Counter], int]:
@@ -344,18 +366,19 @@ def send_all(
         ae = AE(ae_title="HOSTILE")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
         syntaxes = set()
+        sendable = {}
         for _, p in chunk:
-            try:
-                syntaxes.add(str(pydicom.filereader.read_file_meta_info(p).TransferSyntaxUID))
-            except Exception:  # noqa: BLE001
-                continue
+            meta = _sendable_meta(p)
+            if meta is not None:
+                syntaxes.add(meta)
+                sendable[p] = meta
         for ts in sorted(syntaxes):
-            if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", ts) or len(ts) > 64:
-                continue  # a corrupt Transfer Syntax UID in the file meta: such a file is "not sent"
             ae.add_requested_context(DX, ts)
         assoc = ae.associate("127.0.0.1", node.port, ae_title="CSPINE")
         for kind, p in chunk:
-            if not assoc.is_established:
+            if p not in sendable:
+                status = "not sent (file meta corrupt: a sender cannot tell its SOP instance or syntax)"
+            elif not assoc.is_established:
                 status = "no association"
             else:
                 try:
