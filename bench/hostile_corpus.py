@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 TERMINAL = ("reported", "sent", "skipped", "failed")
@@ -69,7 +69,7 @@ def retag(ds: pydicom.Dataset, study_uid: str | None = None) -> pydicom.Dataset:
     ds.BodyPartExamined = "CSPINE"
     if getattr(ds, "file_meta", None) is None:
         ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = DX
+    ds.file_meta.MediaStorageSOPClassUID = UID(DX)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     if "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -105,15 +105,17 @@ def mutations(base: Path, out: Path, flips: int = 2) -> Iterator[tuple[str, Path
             b[int(i)] ^= 0xFF
         p.write_bytes(bytes(b))
         yield "byte-flipped", p
-    edits = {
-        "rows+1": lambda d: setattr(d, "Rows", int(d.Rows) + 1),
-        "65535x65535": lambda d: (setattr(d, "Rows", 65535), setattr(d, "Columns", 65535)),
-        "samples3": lambda d: (
-            setattr(d, "SamplesPerPixel", 3),
-            setattr(d, "PhotometricInterpretation", "RGB"),
-            setattr(d, "PlanarConfiguration", 0),
-        ),
-    }
+
+    def rows_plus_one(d: pydicom.Dataset) -> None:
+        d.Rows = int(d.Rows) + 1
+
+    def huge(d: pydicom.Dataset) -> None:
+        d.Rows = d.Columns = 65535
+
+    def samples3(d: pydicom.Dataset) -> None:
+        d.SamplesPerPixel, d.PhotometricInterpretation, d.PlanarConfiguration = 3, "RGB", 0
+
+    edits = {"rows+1": rows_plus_one, "65535x65535": huge, "samples3": samples3}
     for kind, edit in edits.items():
         try:
             ds = pydicom.dcmread(base)
@@ -168,7 +170,7 @@ def write_deflate_bomb(path: Path, inflated_mb: int, rows: int = 64, cols: int =
     size = inflated_mb << 20
     pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, size)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DX
+    meta.MediaStorageSOPClassUID = UID(DX)
     meta.MediaStorageSOPInstanceUID = sop
     meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID

@@ -40,7 +40,7 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import pydicom
@@ -621,7 +621,7 @@ def _read_deflated(path: Path, limits: LimitSettings) -> pydicom.Dataset:
         zipped = fp.read()
     inflated_size_within(zipped, limits.max_dataset_bytes)  # a bomb costs a chunk of memory, not its size
     buffer = DicomBytesIO(inflate_bounded(zipped, limits.max_dataset_bytes))
-    dataset = read_dataset(buffer, False, True)
+    dataset = read_dataset(cast(BinaryIO, buffer), False, True)
     ds = pydicom.dataset.FileDataset(str(path), dataset, preamble, file_meta, False, True)
     ds.set_original_encoding(False, True, dataset._character_set)
     return ds
