@@ -431,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-files", type=int, default=0, help="send only the first N files (0: all)")
     ap.add_argument("--wait-s", type=float, default=300.0, help="longest wait for terminal states")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the node is stopped on the way out
     work = args.out
     work.mkdir(parents=True, exist_ok=True)
     files = build_corpus(work / "corpus", args.flips, args.bomb_mb, args.max_files)
