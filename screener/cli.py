@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the result (default 120)")
     cc = sub.add_parser("check-config", help="validate config.toml (and folders, TLS files) without starting")
     _add_config(cc)
+    ro = sub.add_parser("route", help="which routing rule and engines each DICOM file gets, and why")
+    _add_config(ro)
+    ro.add_argument("files", nargs="+", type=Path)
     return p
 
 
@@ -193,7 +196,7 @@ def cmd_replay(settings: config.Settings, args: argparse.Namespace) -> int:
     settings = dataclasses.replace(settings, engines=eng)
     engines = load_engines(settings)
     out = args.out or folder.with_name(folder.name.rstrip("/") + "-audit")
-    screener = Screener(engines, settings.routing, settings.schedule.batch_max_size)
+    screener = Screener(engines, settings.routing, settings.schedule.batch_max_size, settings.limits)
     summary = rp.replay(folder, out, screener, engines, chunk=settings.schedule.batch_max_size, progress=not args.quiet)
     print(
         f"{summary.files} files: {summary.screened} screened, {summary.skipped} skipped, {summary.failed} failed; "
@@ -256,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             logs.configure(settings.logging.renderer, "warning")  # its own lines, not the store's state log
             demo.run(settings, args.host, args.port, args.calling_aet, args.wait, config_path=args.config)
+        if args.command == "route":
+            from screener.routing import explain_file
+
+            for f in args.files:
+                print(explain_file(str(f), settings.routing, settings.limits))
             return 0
     except UserError as exc:
         print(f"screener: error: {exc}", file=sys.stderr)

@@ -141,6 +141,54 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """What a received image may declare before the node decodes it (checked from the header).
+
+    The defaults fit radiographs: CR and DX images are one frame (their IODs have no multi-frame
+    module), monochrome (colour is accepted for secondary exports: 3 samples of 8 bits), at most
+    16 bits allocated and, at 0.1 mm per pixel, 8192 px cover 82 cm. `max_dataset_mb` bounds the
+    size of a data set as stored and, for Deflated transfer syntax, as inflated (while receiving
+    and while reading); it must hold the largest allowed native image (8192 x 8192 x 2 bytes
+    = 128 MiB)."""
+
+    max_rows: int = 8192
+    max_columns: int = 8192
+    max_frames: int = 1
+    max_samples_per_pixel: int = 3
+    max_bits_allocated: int = 16
+    max_dataset_mb: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "max_columns", "max_frames", "max_dataset_mb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"limits.{name}: must be at least 1")
+        if self.max_rows > 65535 or self.max_columns > 65535:
+            raise ConfigError("limits.max_rows/max_columns: at most 65535 (the US value range of Rows/Columns)")
+        if self.max_samples_per_pixel not in (1, 3):
+            raise ConfigError("limits.max_samples_per_pixel: expected 1 (monochrome only) or 3 (colour too)")
+        if self.max_bits_allocated not in (8, 16, 32):
+            raise ConfigError("limits.max_bits_allocated: expected 8, 16 or 32")
+        if self.max_pixel_bytes > self.max_dataset_bytes:
+            raise ConfigError(
+                "limits.max_dataset_mb: smaller than the largest image the other limits allow "
+                f"({-(-self.max_pixel_bytes // (1 << 20))} MB)"
+            )
+
+    @property
+    def max_dataset_bytes(self) -> int:
+        return self.max_dataset_mb << 20
+
+    @property
+    def max_pixel_bytes(self) -> int:
+        """Native pixel data of the largest image the limits allow (one byte per 8-bit colour sample)."""
+        largest_mono = self.max_rows * self.max_columns * (self.max_bits_allocated // 8)
+        largest_colour = (
+            self.max_rows * self.max_columns * self.max_samples_per_pixel if self.max_samples_per_pixel > 1 else 0
+        )
+        return max(largest_mono, largest_colour) * self.max_frames
+
+
+@dataclass(frozen=True)
 class Destination:
     ae_title: str
     host: str
@@ -209,7 +257,13 @@ class TlsSettings:
 
 @dataclass(frozen=True)
 class RoutingRule:
-    """Engines to run on an image whose DICOM attributes match every given pattern."""
+    """Engines to run on an image whose DICOM attributes match every given pattern.
+
+    ``view_code``: code values (SNOMED CT) of the first View Code Sequence (0054,0220) item.
+    ``description_pattern``: regular expressions (case-insensitive, searched) of which one must
+    match the Series Description or the Protocol Name. ``side``: "L" or "R" forces the side of
+    the view; "" takes it from the view (View Position term, View Code, Image Laterality), see
+    `screener.routing`. ``mirror`` (older configurations): side "R" when the view gives none."""
 
     name: str
     engines: list[str]
@@ -218,6 +272,9 @@ class RoutingRule:
     view_position: list[str] = field(default_factory=list)
     laterality: list[str] = field(default_factory=list)
     series_description_contains: list[str] = field(default_factory=list)
+    view_code: list[str] = field(default_factory=list)
+    description_pattern: list[str] = field(default_factory=list)
+    side: str = ""
     mirror: bool = False
 
     def __post_init__(self) -> None:
@@ -225,6 +282,13 @@ class RoutingRule:
             raise _Invalid("routing", "name", "must not be empty")
         if not self.engines:
             raise _Invalid("routing", "engines", "name at least one engine")
+        if self.side.upper() not in ("", "L", "R"):
+            raise ConfigError(f"routing {self.name!r}: side must be 'L', 'R' or '' (from the view)")
+        for pattern in self.description_pattern:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"routing {self.name!r}: description_pattern {pattern!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -282,6 +346,64 @@ class HttpSettings:
                 )
 
 
+# SNOMED CT view codes (DICOM CID 4010 "DX View"; SNOMED CT projection qualifier values).
+VIEW_CODES_LATERAL = ["399067008", "399173006", "399198007"]  # lateral, left lateral, right lateral
+VIEW_CODES_OBLIQUE = ["260421001", "260424009", "399184004", "399236003"]  # LLO, RLO, left/right oblique
+_SIDE = r"(L|LT|LEFT)"
+_RSIDE = r"(R|RT|RIGHT)"
+
+
+def default_routing() -> list[RoutingRule]:
+    """The built-in rules (used when config.toml has no [[routing]]; config.toml lists the same).
+
+    In order: View Position's defined terms (PS3.3 C.8.11.5 / C.8.11.7: LL, RL lateral; LLO, RLO
+    obliques; LAO, LPO, RAO, RPO kept as aliases), then View Code Sequence codes when View Position
+    is empty, then Series Description / Protocol Name patterns when both are empty."""
+    cr_dx = ["CR", "DX"]
+    return [
+        RoutingRule("lateral", ["spondylosis"], modality=cr_dx, view_position=["LL", "RL", "LATERAL", "LAT"]),
+        RoutingRule(
+            "oblique", ["roi", "stenosis"], modality=cr_dx, view_position=["LLO", "RLO", "LAO", "LPO", "RAO", "RPO"]
+        ),
+        RoutingRule(
+            "lateral-by-view-code", ["spondylosis"], modality=cr_dx, view_position=[""], view_code=VIEW_CODES_LATERAL
+        ),
+        RoutingRule(
+            "oblique-by-view-code",
+            ["roi", "stenosis"],
+            modality=cr_dx,
+            view_position=[""],
+            view_code=VIEW_CODES_OBLIQUE,
+        ),
+        RoutingRule(
+            "left-oblique-by-description",
+            ["roi", "stenosis"],
+            modality=cr_dx,
+            view_position=[""],
+            view_code=[""],
+            description_pattern=[r"\b(LAO|LPO|LLO)\b", rf"\bOBL\w*\W+{_SIDE}\b", rf"\b{_SIDE}\W+(\w+\W+)?OBL"],
+            side="L",
+        ),
+        RoutingRule(
+            "right-oblique-by-description",
+            ["roi", "stenosis"],
+            modality=cr_dx,
+            view_position=[""],
+            view_code=[""],
+            description_pattern=[r"\b(RAO|RPO|RLO)\b", rf"\bOBL\w*\W+{_RSIDE}\b", rf"\b{_RSIDE}\W+(\w+\W+)?OBL"],
+            side="R",
+        ),
+        RoutingRule(
+            "lateral-by-description",
+            ["spondylosis"],
+            modality=cr_dx,
+            view_position=[""],
+            view_code=[""],
+            description_pattern=[r"^(?!.*OBL).*\bLAT(ERAL)?\b"],
+        ),
+    ]
+
+
 @dataclass(frozen=True)
 class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
@@ -289,11 +411,12 @@ class Settings:
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     engines: EngineSettings = field(default_factory=EngineSettings)
     destinations: list[Destination] = field(default_factory=list)
-    routing: list[RoutingRule] = field(default_factory=list)
+    routing: list[RoutingRule] = field(default_factory=default_routing)
     sr_folder: str = ""
     report: ReportSettings = field(default_factory=ReportSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
 
 
 def _type_name(tp: Any) -> str:

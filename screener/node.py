@@ -127,7 +127,7 @@ class Node:
         if not self.store.owner:
             self.store.close()
             raise UserError(f"{self.var}: another screener node is already using this folder")
-        self.screener = Screener(self.engines, settings.routing, settings.schedule.batch_max_size)
+        self.screener = Screener(self.engines, settings.routing, settings.schedule.batch_max_size, settings.limits)
         self.device_uid = derive_uid("cspine-screener device", settings.node.ae_title)
         self._scheduler = None
         self.listener = None

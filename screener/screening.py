@@ -19,10 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
-from screener.config import RoutingRule
-from screener.dicom.image import SCREENED_SOP_CLASSES, ImageDecodeError, dataset_to_gray8, header_attributes
+from screener.config import LimitSettings, RoutingRule
+from screener.dicom.image import (
+    SCREENED_SOP_CLASSES,
+    ImageDecodeError,
+    dataset_to_gray8,
+    header_attributes,
+    pixel_spacing_mm,
+    read_spooled,
+)
 from screener.engine import preprocessing as pp
 from screener.engine.runtime import LoadedEngine
 from screener.errors import safe_reason, scrub_message
@@ -81,10 +87,17 @@ class ReadBatch:
 class Screener:
     """Runs the configured engines on DICOM files."""
 
-    def __init__(self, engines: Mapping[str, LoadedEngine], rules: Sequence[RoutingRule], batch_size: int = 32):
+    def __init__(
+        self,
+        engines: Mapping[str, LoadedEngine],
+        rules: Sequence[RoutingRule],
+        batch_size: int = 32,
+        limits: LimitSettings | None = None,
+    ):
         self.engines = dict(engines)
         self.rules = list(rules)
         self.batch_size = max(1, batch_size)
+        self.limits = limits or LimitSettings()
 
     # ----------------------------------------------------------------- decode
     def read(self, path: Path) -> tuple[ImageOutcome, np.ndarray | None, list[str]]:
@@ -93,9 +106,9 @@ class Screener:
         t0 = time.perf_counter()
         try:
             # Large elements (pixel data) are read only when used: skipped files cost a header read.
-            ds = pydicom.dcmread(str(path), defer_size="1 MB")
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            out.failed = f"not a readable DICOM file ({exc.__class__.__name__})"
+            ds = read_spooled(path, self.limits)
+        except ImageDecodeError as exc:
+            out.failed = exc.reason
             return out, None, []
         out.sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
         out.study_uid = str(ds.get("StudyInstanceUID", ""))
@@ -119,7 +132,7 @@ class Screener:
             out.skipped = f"rule {out.route.rule}: engine(s) {', '.join(missing)} not loaded on this node"
             return out, None, []
         try:
-            gray = dataset_to_gray8(ds)
+            gray = dataset_to_gray8(ds, self.limits)
         except ImageDecodeError as exc:
             out.failed = f"pixel data cannot be decoded: {scrub_message(exc.reason)}"
             return out, None, []
@@ -183,7 +196,9 @@ class Screener:
             box = boxes.get(id(pe)) if rcp.needs_box else None
             mirror = bool(pe.outcome.route and rcp.mirrors(pe.outcome.route.laterality))
             try:
-                tensors.append(pp.preprocess(pe.gray, rcp, norm, box, mirror=mirror))
+                # to the training images' scale first (a no-op for images already at it), see preprocessing
+                gray, box, _ = pp.to_training_scale(pe.gray, box, man.pixel_scale, pixel_spacing_mm(pe.outcome.header))
+                tensors.append(pp.preprocess(gray, rcp, norm, box, mirror=mirror))
             except ValueError as exc:
                 pe.outcome.failed = safe_reason(exc, f"{name}: preprocessing failed")
                 continue

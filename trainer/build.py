@@ -297,6 +297,7 @@ def build_engine(opts: BuildOptions) -> Path:
         notes=steps.base_notes(opts, pre_info.source),
         t_start=t_start,
         summary={"test_auroc": evaluation.test.auroc},
+        pixel_scale=mf.measure_training_scale([s.image_path for s in data.samples], opts.mm_per_pixel),
     )
 
 

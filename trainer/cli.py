@@ -119,6 +119,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--validated-by", default="", help="name of who validated this engine for clinical use")
     b.add_argument("--version", default="", help="engine version (default: date + data fingerprint)")
     b.add_argument("--demo", action="store_true", help="mark the engine as a demo (synthetic data)")
+    b.add_argument(
+        "--mm-per-pixel", type=float, default=0.0, help="the training images' mm per pixel, recorded in the manifest"
+    )
 
     e = sub.add_parser("evaluate", help="evaluate a built engine on the test split of a data set")
     e.add_argument("--engine", type=Path, required=True, help="engine folder (with manifest.json)")
@@ -203,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
                 lr=args.lr,
                 progress=progress,
                 stn=args.stn,
+                mm_per_pixel=args.mm_per_pixel,
             )
         )
         print(f"engine written to {folder} (report: {folder / 'report.md'})")

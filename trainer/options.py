@@ -43,6 +43,7 @@ class BuildOptions:
     progress: bool = True
     n_boot: int = 2000
     stn: bool = False  # classifiers only
+    mm_per_pixel: float = 0.0  # the training images' mm per pixel, when known (0: unknown)
 
     @property
     def roots(self) -> list[Path]:

@@ -231,6 +231,7 @@ def finish(
     notes: list[str],
     t_start: float,
     summary: dict[str, Any],
+    pixel_scale: pp.PixelScale | None = None,
 ) -> Path:
     """Write the manifest into `building`, check it with the node's loader and install the engine
     as ``<out>/<task>``; logs ``engine_built`` with `summary` (e.g. the test score). Returns the folder."""
@@ -255,6 +256,7 @@ def finish(
         demo=opts.demo,
         software_version=screener.__version__,
         notes=notes,
+        pixel_scale=pixel_scale,
     )
     final = mf.install(manifest, building, Path(opts.out))
     log.info(

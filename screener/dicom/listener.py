@@ -65,6 +65,8 @@ Status  Meaning (PS3.4 category)         When
 0xC003  Error: cannot understand         Affected SOP Instance UID missing or not a valid UID
 0xC004  Error: cannot understand         the data set's SOP Instance UID differs from the request's
 0xC005  Error: cannot understand         Series Instance UID missing, empty or not a valid UID
+0xC010  Error: cannot understand         Deflated data set inflates beyond ``limits.max_dataset_mb``
+                                         (a deflate bomb: never stored, never acknowledged)
 0xC211  Error: cannot understand         unexpected error in the handler (logged; pynetdicom's code)
 ======  ===============================  ======================================================
 
@@ -97,8 +99,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from screener import metrics
-from screener.config import Settings
-from screener.dicom.image import SCREENED_SOP_CLASSES
+from screener.config import LimitSettings, Settings
+from screener.dicom.image import SCREENED_SOP_CLASSES, inflated_size_within
 from screener.errors import ConfigError
 from screener.logs import get_logger
 from screener.store import Store, is_valid_uid
@@ -132,6 +134,7 @@ BAD_STUDY_UID = 0xC002
 BAD_SOP_INSTANCE_UID = 0xC003
 SOP_INSTANCE_UID_MISMATCH = 0xC004
 BAD_SERIES_UID = 0xC005
+INFLATED_TOO_LARGE = 0xC010
 INTERNAL_ERROR = 0xC211
 
 # Header elements read from a received data set: everything up to Series Instance UID.
@@ -142,12 +145,26 @@ def _stop_after_series(tag: Any, _vr: Any, _length: int) -> bool:
     return int(tag) > _LAST_HEADER_TAG
 
 
-def read_header(encoded: bytes, transfer_syntax: str) -> Dataset:
+class InflateLimitError(ValueError):
+    """A Deflated data set inflates beyond ``limits.max_dataset_mb`` (a deflate bomb)."""
+
+
+_HEADER_PREFIX = 16 << 20  # inflated bytes in which the header elements must lie
+
+
+def read_header(encoded: bytes, transfer_syntax: str, max_inflated: int | None = None) -> Dataset:
     """Parse only the elements up to (0020,000E) of a data set as received (no file meta), never
-    touching the pixel data. Raises on data that cannot be parsed."""
+    touching the pixel data. Raises on data that cannot be parsed. A Deflated data set is first
+    inflated in discarded chunks to check its full size against `max_inflated` (default: the
+    [limits] default), raising `InflateLimitError` beyond; only its first 16 MiB are kept."""
     ts = UID(transfer_syntax)
     if ts.is_deflated:
-        data = zlib.decompress(encoded, -zlib.MAX_WBITS)
+        limit = max_inflated if max_inflated is not None else LimitSettings().max_dataset_bytes
+        try:
+            inflated_size_within(encoded, limit)
+        except ValueError:
+            raise InflateLimitError("inflated data set exceeds the limit") from None
+        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(encoded, _HEADER_PREFIX)
         implicit, little = False, True
     else:
         data = encoded
@@ -724,11 +741,13 @@ class Listener:
 
         raw = req.DataSet.getvalue() if req.DataSet is not None else b""
         try:
-            hdr = read_header(raw, ts)
+            hdr = read_header(raw, ts, self.settings.limits.max_dataset_bytes)
             ds_class = _text(hdr.get("SOPClassUID"))
             ds_sop = _text(hdr.get("SOPInstanceUID"))
             study_uid = _text(hdr.get("StudyInstanceUID"))
             series_uid = _text(hdr.get("SeriesInstanceUID"))
+        except InflateLimitError:
+            return self._refuse(INFLATED_TOO_LARGE, "inflated data set exceeds the size limit", **ids)
         except Exception as exc:
             return self._refuse(CANNOT_PARSE, "data set cannot be parsed", error_type=type(exc).__name__, **ids)
         if ds_class and ds_class != sop_class:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from screener.engine.preprocessing import Normalization, Recipe
+from screener.engine.preprocessing import Normalization, PixelScale, Recipe
 from screener.errors import ManifestError
 from screener.store.files import atomic_write
 
@@ -72,6 +72,8 @@ class Manifest:
     software_version: str = ""
     schema_version: int = SCHEMA_VERSION
     notes: list[str] = field(default_factory=list)
+    # The training images' scale; None (manifests written before it existed): no resampling.
+    pixel_scale: PixelScale | None = None
 
     @property
     def positive_class(self) -> str:
@@ -84,6 +86,7 @@ class Manifest:
         d = dataclasses.asdict(self)
         d["preprocessing"] = self.preprocessing.to_dict()
         d["normalization"] = self.normalization.to_dict()
+        d["pixel_scale"] = self.pixel_scale.to_dict() if self.pixel_scale else None
         return d
 
 
@@ -120,7 +123,9 @@ def from_dict(data: dict[str, Any], where: str = "manifest") -> Manifest:
         thr_data = data.get("threshold")
         thr = Threshold(**thr_data) if thr_data else None
         backends = [Backend(**b) for b in _require(data, "backends", list, where)]
-    except (TypeError, ValueError, KeyError) as exc:
+        scale_data = data.get("pixel_scale")
+        pixel_scale = PixelScale.from_dict(scale_data) if scale_data else None
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise ManifestError(f"{where}: {exc}") from None
     kind = _require(data, "kind", str, where)
     if kind == "classifier" and thr is None:
@@ -149,6 +154,7 @@ def from_dict(data: dict[str, Any], where: str = "manifest") -> Manifest:
         software_version=str(data.get("software_version", "")),
         schema_version=schema,
         notes=list(data.get("notes", [])),
+        pixel_scale=pixel_scale,
     )
 
 
@@ -206,3 +212,24 @@ def verify_files(manifest: Manifest, folder: Path) -> None:
                 f"{f}: SHA-256 {digest[:12]}... does not match the manifest ({b.sha256[:12]}...); "
                 "the engine was modified or corrupted"
             )
+
+
+def measure_training_scale(image_paths: list[Path] | list[str], mm_per_pixel: float = 0.0) -> PixelScale | None:
+    """The training images' scale for the manifest: median height read from the image headers
+    (PIL, no decoding) and `mm_per_pixel` when given (0: unknown). None when no header is readable."""
+    from PIL import Image
+
+    from screener.engine.preprocessing import pixel_scale_of
+
+    heights = []
+    for p in image_paths:
+        try:
+            with Image.open(p) as im:
+                heights.append(im.size[1])
+        except (OSError, ValueError):
+            continue
+    if not heights:
+        return None
+    source = f"median height of {len(heights)} training images"
+    source += "; mm per pixel given at build time" if mm_per_pixel else "; mm per pixel unknown (resampled by height)"
+    return pixel_scale_of(heights, mm_per_pixel or None, source)

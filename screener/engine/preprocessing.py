@@ -337,3 +337,73 @@ def read_image(path: str) -> np.ndarray:
 def read_image_gray8(path: str) -> np.ndarray:
     """Read a PNG/JPEG file as 8-bit gray (the trainer's path to `prepare`)."""
     return to_gray8(read_image(path), "BGR")
+
+
+# --------------------------------------------------------------------------- physical scale
+#
+# The recipes' pixel counts (centre_size 500, wide margins 200/100 px) mean what they meant in
+# training only at the training images' scale. An engine manifest records that scale
+# (`PixelScale`: the median height of the training images in pixels and, where known or given at
+# build time, their mm per pixel). Before the recipe the node resamples each image to it
+# (`to_training_scale`): by mm per pixel when both the manifest and the image (Pixel Spacing,
+# else Imager Pixel Spacing) know it, else by image height. Within `SCALE_TOLERANCE` of 1 the
+# image is left untouched (no resampling at all), so images already at the training scale give
+# the trainer's tensor bit for bit. Manifests without a scale (older engines): no resampling.
+
+SCALE_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class PixelScale:
+    median_height_px: float
+    mm_per_pixel: float | None = None  # None: unknown
+    source: str = ""  # how it was obtained (e.g. "training images; mm per pixel given at build time")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PixelScale:
+        mm = data.get("mm_per_pixel")
+        scale = cls(float(data["median_height_px"]), float(mm) if mm else None, str(data.get("source", "")))
+        if not scale.median_height_px > 0 or (scale.mm_per_pixel is not None and not scale.mm_per_pixel > 0):
+            raise ValueError("pixel_scale: median_height_px and mm_per_pixel must be positive")
+        return scale
+
+
+def pixel_scale_of(heights: list[int] | Any, mm_per_pixel: float | None = None, source: str = "") -> PixelScale:
+    """The training scale from the training images' heights (px) and an optional mm per pixel."""
+    h = np.asarray(list(heights), dtype=np.float64)
+    if h.size == 0:
+        raise ValueError("no image heights to measure the training scale")
+    return PixelScale(float(np.median(h)), float(mm_per_pixel) if mm_per_pixel else None, source)
+
+
+def scale_factor(height_px: int, spacing_mm: float | None, scale: PixelScale | None) -> float:
+    """How much to resize an image (new size = size x factor) to bring it to `scale`; 1.0 means
+    leave it as it is (no scale recorded, or within `SCALE_TOLERANCE`)."""
+    if scale is None or height_px < 1:
+        return 1.0
+    if scale.mm_per_pixel and spacing_mm and spacing_mm > 0:
+        factor = spacing_mm / scale.mm_per_pixel
+    else:
+        factor = scale.median_height_px / float(height_px)
+    return 1.0 if abs(factor - 1.0) <= SCALE_TOLERANCE else factor
+
+
+def to_training_scale(
+    gray: np.ndarray, box: Box | None, scale: PixelScale | None, spacing_mm: float | None = None
+) -> tuple[np.ndarray, Box | None, float]:
+    """(image, box, factor): `gray` and its box (pixels of `gray`) resampled to the engine's training
+    scale; the same objects back, untouched, when the factor is 1. Area interpolation shrinking,
+    linear enlarging."""
+    factor = scale_factor(gray.shape[0], spacing_mm, scale)
+    if factor == 1.0:
+        return gray, box, 1.0
+    h, w = gray.shape[:2]
+    nh, nw = max(1, int(round(h * factor))), max(1, int(round(w * factor)))
+    interp = cv2.INTER_AREA if factor < 1.0 else cv2.INTER_LINEAR
+    out = cv2.resize(np.ascontiguousarray(gray), (nw, nh), interpolation=interp)
+    fx, fy = nw / w, nh / h
+    new_box = None if box is None else (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+    return out, new_box, factor

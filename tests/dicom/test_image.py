@@ -16,6 +16,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from screener.config import LimitSettings
 from screener.dicom.image import ImageDecodeError, dataset_to_gray8, header_attributes
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -274,8 +275,8 @@ def test_corrupt_compressed_data_is_a_decode_error():
     comp.compress(JPEG2000Lossless)
     ds = roundtrip(comp)
     frames = bytearray(ds.PixelData)
-    # keep the Basic Offset Table and item headers, destroy the codestream body
-    frames[40:] = bytes(len(frames) - 40)
+    # keep the Basic Offset Table, item headers and the codestream's SIZ header, destroy the body
+    frames[120:] = bytes(len(frames) - 120)
     ds.PixelData = bytes(frames)
     with pytest.raises(ImageDecodeError, match="could not be decoded"):
         dataset_to_gray8(ds)
@@ -287,7 +288,10 @@ def test_corrupt_compressed_data_is_a_decode_error():
 def test_multiframe_uses_first_frame():
     a, b = phantom(seed=1), phantom(seed=2)
     multi = make_ds(np.stack([a, b]))
-    np.testing.assert_array_equal(dataset_to_gray8(multi), dataset_to_gray8(make_ds(a)))
+    two_frames = LimitSettings(max_frames=2, max_dataset_mb=512)
+    np.testing.assert_array_equal(dataset_to_gray8(multi, two_frames), dataset_to_gray8(make_ds(a)))
+    with pytest.raises(ImageDecodeError, match="NumberOfFrames exceeds the limit of 1"):
+        dataset_to_gray8(multi)  # CR and DX are single-frame: the default limit
 
 
 def test_rgb_to_gray():
@@ -315,7 +319,7 @@ def test_constant_image_gives_zeros():
 def test_truncated_pixel_data_is_a_decode_error():
     ds = make_ds(phantom())
     ds.PixelData = ds.PixelData[:-100]
-    with pytest.raises(ImageDecodeError, match="could not be decoded") as exc:
+    with pytest.raises(ImageDecodeError, match="pixel data shorter than declared") as exc:
         dataset_to_gray8(ds)
     assert "\n" not in str(exc.value) and len(str(exc.value)) <= 230
 
@@ -361,6 +365,8 @@ def test_header_attributes():
         "ViewPosition": "LL",
         "Laterality": "R",
         "SeriesDescription": "C-SPINE LAT",
+        "ProtocolName": "",
+        "ViewCode": "399067008",
         "ViewCodeMeaning": "LATERAL",
         "SOPClassUID": DX,
     }
