@@ -229,14 +229,12 @@ class NodeProcess:
     def __init__(self, work: Path, engines: Path, port: int) -> None:
         self.work, self.port = work, port
         self.config = work / "node.toml"
-        routing = (Path(__file__).resolve().parents[1] / "config.toml").read_text().split("[[routing]]", 1)[1]
         self.config.write_text(
             '[logging]\nlevel = "warning"\nrenderer = "json"\n'
             f'[node]\nport = {port}\nhost = "127.0.0.1"\nvar_dir = "{work / "var"}"\nmin_free_mb = 1\n'
             "[schedule]\nstudy_stable_s = 1.0\nbatch_interval_s = 0.5\n"
             f'[engines]\ndir = "{engines}"\nbackend = "onnx-fp32"\nenabled = ["spondylosis"]\n'
-            "[[routing]]" + routing
-        )
+        )  # no [[routing]]: the built-in rules for the enabled engines
         self.proc: subprocess.Popen | None = None
         self.peak_rss = 0
         self.starts = 0

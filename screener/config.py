@@ -484,6 +484,12 @@ def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
 def parse(data: dict[str, Any]) -> Settings:
     """Build settings from an already-parsed TOML document, with the checks across sections."""
     settings: Settings = _build(Settings, data)
+    if "routing" not in data:
+        # The built-in rules serve the engines that are enabled; rules written in config.toml must
+        # name enabled engines only (validate says so).
+        enabled = set(settings.engines.enabled)
+        rules = [r for r in settings.routing if set(r.engines) <= enabled]
+        settings = dataclasses.replace(settings, routing=rules)
     validate(settings)
     return settings
 

@@ -189,8 +189,8 @@ def test_demo_study_is_tagged_like_a_modality():
     routes = [route(header_attributes(ds), rules) for ds in images]
     assert [(r.rule, r.laterality) for r in routes if r] == [
         ("lateral", ""),
-        ("left-oblique", "L"),
-        ("right-oblique", "R"),
+        ("oblique", "L"),
+        ("oblique", "R"),
     ]
 
 

@@ -128,7 +128,10 @@ def test_bad_rules_rejected():
 
 def test_config_toml_lists_the_built_in_rules():
     assert config.load("config.toml").routing == default_routing()
-    assert config.parse({}).routing == default_routing()
+    everything = {"engines": {"enabled": ["spondylosis", "roi", "stenosis"]}}
+    assert config.parse(everything).routing == default_routing()
+    # without [[routing]], the built-in rules serve the engines that are enabled
+    assert [r.name for r in config.parse({}).routing] == ["lateral", "lateral-by-view-code", "lateral-by-description"]
 
 
 def test_header_view_code_sequence_routes():
