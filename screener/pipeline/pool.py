@@ -1,0 +1,312 @@
+"""A pool of isolated worker processes for untrusted work (decoding received images).
+
+Each worker is a fresh interpreter (``spawn``: no state, locks or threads inherited
+from the node) that:
+
+- limits its own address space (``RLIMIT_AS`` = ``memory_limit_mb``): a decoder that
+  tries to allocate gigabytes gets ``MemoryError`` (or dies) inside the worker;
+- runs single-threaded numerical libraries (the parallelism is the pool's);
+- dies with the parent (``PR_SET_PDEATHSIG``), and exits when its pipe closes.
+
+``WorkerPool.map(fn, items)`` runs ``fn(item)`` for every item and yields
+``(index, result)`` as results arrive; ``result`` is a ``Failure`` when the worker
+raised, died (SIGABRT/SIGSEGV inside a C decoder, killed for memory) or overran
+``timeout_s``. A dead or overrunning worker is replaced and the other items go on.
+Failure reasons are the pool's own words: no exception text (it can quote header
+values) crosses into them.
+
+``close()`` (or leaving the ``with`` block) stops every worker and waits for it; no
+process outlives the pool. One ``map`` at a time per pool (a lock serialises callers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+# Single-threaded numerical libraries in the workers: the pool is the parallelism, and thread
+# pools reserve address space that would count against RLIMIT_AS.
+_CHILD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENCV_FOR_THREADS_NUM": "1",
+    "MALLOC_ARENA_MAX": "2",
+}
+_ENV_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why an item produced no result (the pool's words; no header values)."""
+
+    reason: str
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the closed pipe still ends the worker
+        pass
+
+
+def _limit_memory(memory_limit_mb: int) -> None:
+    if memory_limit_mb <= 0:
+        return
+    import resource
+
+    limit = int(memory_limit_mb) * 1024 * 1024
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _worker_main(conn: Connection, memory_limit_mb: int, parent_pid: int) -> None:
+    """The worker loop: receive (fn, item), send ("ok", result) or ("err", reason)."""
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    with contextlib.suppress(Exception):
+        import cv2
+
+        cv2.setNumThreads(1)
+    _limit_memory(memory_limit_mb)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        fn, item = msg
+        try:
+            reply: tuple[str, Any] = ("ok", fn(item))
+        except MemoryError:
+            reply = ("err", "out of memory: the image needs more than the decode worker's memory limit")
+        except BaseException as exc:  # noqa: BLE001 - any error fails this item only
+            reply = ("err", f"decoding raised an unexpected error ({exc.__class__.__name__})")
+        try:
+            conn.send(reply)
+        except MemoryError:
+            conn.send(("err", "out of memory: the result is larger than the decode worker's memory limit"))
+        except (BrokenPipeError, EOFError, OSError):
+            return
+        del reply, msg, fn, item
+
+
+def death_reason(exitcode: int | None) -> str:
+    """Our words for a worker that ended while working on an item."""
+    if exitcode is not None and exitcode < 0:
+        sig = -exitcode
+        if sig == signal.SIGSEGV:
+            return "the decoder crashed (segmentation fault) on this image"
+        if sig == signal.SIGABRT:
+            return "the decoder aborted on this image"
+        if sig == signal.SIGKILL:
+            return "the decode worker was killed (out of memory?) on this image"
+        if sig == signal.SIGBUS:
+            return "the decoder crashed (bus error) on this image"
+        return f"the decode worker ended by signal {sig} on this image"
+    return f"the decode worker exited unexpectedly (code {exitcode}) on this image"
+
+
+class _Worker:
+    def __init__(self, ctx: Any, memory_limit_mb: int) -> None:
+        parent, child = ctx.Pipe(duplex=True)
+        self.conn: Connection = parent
+        self.proc = ctx.Process(
+            target=_worker_main, args=(child, memory_limit_mb, os.getpid()), daemon=True, name="screener-decode"
+        )
+        with _ENV_LOCK:
+            saved = {k: os.environ.get(k) for k in _CHILD_ENV}
+            os.environ.update(_CHILD_ENV)
+            try:
+                self.proc.start()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        child.close()
+        self.task: int | None = None
+        self.deadline = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        with contextlib.suppress(Exception):
+            self.proc.kill()
+        self.proc.join(5)
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+    def stop(self, timeout: float) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.send(None)
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.kill()
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        with contextlib.suppress(Exception):
+            self.proc.close()
+
+
+class WorkerPool:
+    """``workers`` isolated processes; see the module doc."""
+
+    def __init__(
+        self, workers: int, memory_limit_mb: int = 0, timeout_s: float = 60.0, start_method: str = "spawn"
+    ) -> None:
+        if workers < 1:
+            raise ValueError("a worker pool needs at least one worker")
+        self.size = int(workers)
+        self.memory_limit_mb = int(memory_limit_mb)
+        self.timeout_s = float(timeout_s)
+        self._ctx = mp.get_context(start_method)
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = [self._spawn() for _ in range(self.size)]
+        self._closed = False
+        self.replaced = 0  # workers replaced after a death or an overrun (for metrics and tests)
+
+    def _spawn(self) -> _Worker:
+        return _Worker(self._ctx, self.memory_limit_mb)
+
+    def pids(self) -> list[int]:
+        return [w.pid for w in self._workers if w.pid is not None]
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every worker (ask, then kill after `timeout`) and wait for each."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for w in self._workers:
+                with contextlib.suppress(Exception):
+                    w.conn.send(None)
+            end = time.monotonic() + timeout
+            for w in self._workers:
+                w.proc.join(max(0.0, end - time.monotonic()))
+                if w.proc.is_alive():
+                    w.kill()
+                with contextlib.suppress(Exception):
+                    w.conn.close()
+            self._workers = []
+
+    def _replace(self, w: _Worker) -> None:
+        w.kill()
+        self._workers[self._workers.index(w)] = self._spawn()
+        self.replaced += 1
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[tuple[int, Any]]:
+        """Run ``fn(item)`` in the workers; yield ``(index, result or Failure)`` as they finish.
+
+        `fn` must be importable by name (a module-level function). Every index is yielded
+        exactly once, whatever happens to the workers.
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the worker pool is closed")
+            yield from self._map(fn, items)
+
+    def _map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[tuple[int, Any]]:
+        source = iter(enumerate(items))  # pulled lazily: a worker gets the next item when it is free
+        todo: deque[tuple[int, Any, int]] = deque()  # items to try again (their worker died idle)
+        busy: dict[int, tuple[_Worker, Any, int]] = {}  # index -> (worker, item, tries)
+        exhausted = False
+
+        def take() -> tuple[int, Any, int] | None:
+            nonlocal exhausted
+            if todo:
+                return todo.popleft()
+            if exhausted:
+                return None
+            nxt = next(source, None)
+            if nxt is None:
+                exhausted = True
+                return None
+            return nxt[0], nxt[1], 0
+
+        try:
+            while True:
+                for w in self._workers:
+                    if w.task is not None:
+                        continue
+                    got = take()
+                    if got is None:
+                        break
+                    idx, item, tries = got
+                    try:
+                        w.conn.send((fn, item))
+                    except (BrokenPipeError, EOFError, OSError):
+                        # The worker died while idle: replace it and try this item again (once).
+                        self._replace(w)
+                        if tries == 0:
+                            todo.appendleft((idx, item, 1))
+                        else:
+                            yield idx, Failure("the decode worker could not be started for this image")
+                        break
+                    w.task, w.deadline = idx, time.monotonic() + self.timeout_s
+                    busy[idx] = (w, item, tries)
+                if not busy:
+                    if todo or not exhausted:
+                        continue
+                    return
+                running = [w for w in self._workers if w.task is not None]
+                timeout = max(0.0, min(w.deadline for w in running) - time.monotonic())
+                ready = wait([w.conn for w in running] + [w.proc.sentinel for w in running], timeout)
+                now = time.monotonic()
+                for w in running:
+                    idx = w.task
+                    assert idx is not None
+                    result: Any = None
+                    done = False
+                    if w.conn in ready or w.proc.sentinel in ready:
+                        try:
+                            if w.conn.poll():
+                                status, value = w.conn.recv()
+                                result = value if status == "ok" else Failure(value)
+                                done = True
+                        except (EOFError, OSError):
+                            pass
+                        if not done and (w.proc.sentinel in ready or not w.proc.is_alive()):
+                            w.proc.join(1)
+                            result, done = Failure(death_reason(w.proc.exitcode)), True
+                            self._replace(w)
+                    elif now >= w.deadline:
+                        result, done = Failure(f"decoding took longer than {self.timeout_s:g} s"), True
+                        self._replace(w)
+                    if done:
+                        w.task = None
+                        del busy[idx]
+                        yield idx, result
+        finally:
+            # The caller stopped early (or an error): workers still busy hold stale work.
+            for w, _item, _tries in list(busy.values()):
+                if w in self._workers:
+                    self._replace(w)
+            for w in self._workers:
+                w.task = None
