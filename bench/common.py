@@ -62,8 +62,9 @@ def encode(ds: pydicom.Dataset, encoding: str) -> pydicom.Dataset:
 
     if encoding == "native":
         return ds
-    copy = pydicom.Dataset(ds)
-    copy.file_meta = pydicom.dataset.FileMetaDataset(ds.file_meta)
+    import copy as copy_mod
+
+    copy = copy_mod.deepcopy(ds)
     uid = {"jpeg2000": JPEG2000Lossless, "jpegls": JPEGLSLossless}[encoding]
     copy.compress(uid, encoding_plugin="pylibjpeg" if encoding == "jpeg2000" else "pyjpegls")
     return copy

@@ -85,6 +85,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int, parent_pid: int) -> Non
 
         cv2.setNumThreads(1)
     _limit_memory(memory_limit_mb)
+    conn.send(("ready", None))  # time limits count from here, not from the interpreter's start
     while True:
         try:
             msg = conn.recv()
@@ -145,6 +146,18 @@ class _Worker:
         child.close()
         self.task: int | None = None
         self.deadline = 0.0
+        self.ready = False
+
+    def wait_ready(self, timeout: float = 120.0) -> bool:
+        """Block until the worker has started (imports done, limits set)."""
+        if self.ready:
+            return True
+        try:
+            if self.conn.poll(timeout):
+                self.ready = self.conn.recv()[0] == "ready"
+        except (EOFError, OSError):
+            self.ready = False
+        return self.ready
 
     @property
     def pid(self) -> int | None:
@@ -183,6 +196,8 @@ class WorkerPool:
         self._ctx = mp.get_context(start_method)
         self._lock = threading.Lock()
         self._workers: list[_Worker] = [self._spawn() for _ in range(self.size)]
+        for w in self._workers:  # started side by side, then waited for
+            w.wait_ready()
         self._closed = False
         self.replaced = 0  # workers replaced after a death or an overrun (for metrics and tests)
 
@@ -218,8 +233,10 @@ class WorkerPool:
 
     def _replace(self, w: _Worker) -> None:
         w.kill()
-        self._workers[self._workers.index(w)] = self._spawn()
+        new = self._spawn()
+        self._workers[self._workers.index(w)] = new
         self.replaced += 1
+        new.wait_ready()
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[tuple[int, Any]]:
         """Run ``fn(item)`` in the workers; yield ``(index, result or Failure)`` as they finish.
@@ -260,6 +277,8 @@ class WorkerPool:
                         break
                     idx, item, tries = got
                     try:
+                        if not w.wait_ready():
+                            raise BrokenPipeError("worker did not start")
                         w.conn.send((fn, item))
                     except (BrokenPipeError, EOFError, OSError):
                         # The worker died while idle: replace it and try this item again (once).

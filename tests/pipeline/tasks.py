@@ -8,6 +8,8 @@ from pathlib import Path
 
 from screener.pipeline.prepare import Job, Prepared, prepare_file
 
+__all__ = ["prepare_file"]
+
 POISON = "poisoned"  # a file whose name contains this crashes the test task
 
 
