@@ -77,7 +77,9 @@ class EngineSettings:
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "tensorrt", "torch", "onnx-int8", "onnx-fp32"):
-            raise ConfigError(f"engines.backend: expected auto|tensorrt|torch|onnx-int8|onnx-fp32, got {self.backend!r}")
+            raise ConfigError(
+                f"engines.backend: expected auto|tensorrt|torch|onnx-int8|onnx-fp32, got {self.backend!r}"
+            )
 
 
 def _available_cpus() -> int:

@@ -91,7 +91,8 @@ class Screener:
         with self._pool_lock:
             if self._pool is None:
                 s = self.settings
-                self._pool = WorkerPool(s.worker_count, s.memory_limit_mb, s.image_timeout_s)
+                preload = ("screener.pipeline.prepare", "screener.replay", self.task.__module__)
+                self._pool = WorkerPool(s.worker_count, s.memory_limit_mb, s.image_timeout_s, preload=preload)
                 self._finalizer = weakref.finalize(self, self._pool.close)
             return self._pool
 
@@ -114,7 +115,7 @@ class Screener:
     # ----------------------------------------------------------------- decode (in-process, reference)
     def read(self, path: Path) -> tuple[ImageOutcome, np.ndarray | None, list[str]]:
         """Read, route and decode one file. Returns (outcome, gray image or None, engines to run)."""
-        out, gray, engines, _ds = read_file(Path(path), self.plan)
+        out, gray, engines, _table = read_file(Path(path), self.plan)
         return out, gray, engines
 
     def read_many(self, paths: Sequence[Path]) -> ReadBatch:
@@ -153,6 +154,7 @@ class Screener:
             return
         q: queue.Queue[Any] = queue.Queue(maxsize=max(1, self.settings.prefetch_batches))
         stop = threading.Event()
+        _ = self.pool  # started here, not in the prefetch thread
         producer = threading.Thread(
             target=self._produce, args=(paths, chunk, q, stop), name="screener-prefetch", daemon=True
         )
@@ -296,9 +298,10 @@ class Screener:
             )
 
 
-def prepare_serial(path: Path, plan: Plan) -> Prepared:
-    """The reference path for one file, in this process (same functions as the workers)."""
-    out, gray, engines, _ds = read_file(path, plan)
+def prepare_reference(path: Path, plan: Plan) -> Prepared:
+    """The reference path for one file: the whole frame through ``dataset_to_gray8`` and
+    ``preprocessing.prepare`` (what the trainer-identity tests pin), in this process."""
+    out, gray, engines, _table = read_file(path, plan)
     if gray is None or out.failed:
         return Prepared(out)
     return prepare_gray(out, gray, engines, plan)

@@ -278,6 +278,14 @@ def prepare(gray: np.ndarray, rcp: Recipe, box: Box | None = None, mirror: bool 
     win = window((h, w), rcp, box)
     x0, y0, x1, y1 = win
     real = gray[max(0, y0) : min(h, y1), max(0, x0) : min(w, x1)]
+    return _finish(real, win, (h, w), rcp, mirror)
+
+
+def _finish(
+    real: np.ndarray, win: tuple[int, int, int, int], shape: tuple[int, int], rcp: Recipe, mirror: bool
+) -> np.ndarray:
+    """`prepare` after the crop: colour, padding, mirror, resize (uint8 S x S x 3)."""
+    h, w = shape
     if real.size == 0:
         raise ValueError(f"empty crop window {win} for image {w}x{h}")
     channels = [_pad_to_window(ch, win, (h, w), val) for ch, val in colour_channels(real, rcp.colour)]
@@ -287,6 +295,35 @@ def prepare(gray: np.ndarray, rcp: Recipe, box: Box | None = None, mirror: bool 
     size = rcp.image_size
     interp = cv2.INTER_AREA if img.shape[0] >= size and img.shape[1] >= size else cv2.INTER_LINEAR
     return np.ascontiguousarray(cv2.resize(np.ascontiguousarray(img), (size, size), interpolation=interp))
+
+
+def prepare_indexed(
+    raw: np.ndarray, lut: np.ndarray, rcp: Recipe, box: Box | None = None, mirror: bool = False
+) -> np.ndarray:
+    """``prepare(lut[raw], rcp, box, mirror)`` without mapping the whole frame (exact, tested).
+
+    `raw` is a 2-D array of non-negative integers (stored pixel values), `lut` a uint8
+    table indexed by them (the decoder's 12-to-8-bit window as a lookup table). Only the
+    pixels ``prepare`` reads are mapped: the border ring for the polarity test and the
+    crop window; for a 500 px centre crop of a 2048 px frame that is a fifth of the pixels.
+    The ``full`` crop (the ROI input) reads every pixel and maps the whole frame."""
+    if lut.dtype != np.uint8 or raw.ndim != 2:
+        raise ValueError("prepare_indexed expects a 2-D index array and a uint8 lookup table")
+    if rcp.crop == "full":
+        return prepare(lut[raw], rcp, box, mirror)
+    h, w = raw.shape
+    if rcp.auto_polarity:
+        # border_mean on the mapped ring: the same values in the same order, so the same mean.
+        bh, bw = max(1, int(h * 0.05)), max(1, int(w * 0.05))
+        ring = np.concatenate(
+            [lut[raw[:bh]].ravel(), lut[raw[-bh:]].ravel(), lut[raw[:, :bw]].ravel(), lut[raw[:, -bw:]].ravel()]
+        )
+        if float(ring.mean()) > 127.0:  # fix_polarity: 255 - gray, folded into the table
+            lut = (255 - lut).astype(np.uint8)
+    win = window((h, w), rcp, box)
+    x0, y0, x1, y1 = win
+    real = lut[raw[max(0, y0) : min(h, y1), max(0, x0) : min(w, x1)]]
+    return _finish(real, win, (h, w), rcp, mirror)
 
 
 def normalize(img: np.ndarray, norm: Normalization) -> np.ndarray:

@@ -243,7 +243,8 @@ class TorchEngine:
         try:
             module = torch.export.load(str(self.path)).module()
         except Exception as exc:  # noqa: BLE001 - any unreadable program: one answer
-            raise ManifestError(f"{self.path}: not a loadable torch.export program ({exc.__class__.__name__})") from None
+            why = exc.__class__.__name__
+            raise ManifestError(f"{self.path}: not a loadable torch.export program ({why})") from None
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             module = module.to(self.device).half().to(memory_format=torch.channels_last)

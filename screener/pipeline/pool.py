@@ -6,7 +6,8 @@ from the node) that:
 - limits its own address space (``RLIMIT_AS`` = ``memory_limit_mb``): a decoder that
   tries to allocate gigabytes gets ``MemoryError`` (or dies) inside the worker;
 - runs single-threaded numerical libraries (the parallelism is the pool's);
-- dies with the parent (``PR_SET_PDEATHSIG``), and exits when its pipe closes.
+- exits when its pipe closes, and a watchdog thread ends it within a second of the
+  parent's death even in the middle of a decode (no orphans).
 
 ``WorkerPool.map(fn, items)`` runs ``fn(item)`` for every item and yields
 ``(index, result)`` as results arrive; ``result`` is a ``Failure`` when the worker
@@ -52,14 +53,19 @@ class Failure:
     reason: str
 
 
-def _die_with_parent() -> None:
-    try:
-        import ctypes
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker within a second once its parent process is gone.
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux: the closed pipe still ends the worker
-        pass
+    (PR_SET_PDEATHSIG would fire when the parent *thread* that started the worker ends,
+    and the pool starts replacement workers from whichever thread is running it.)"""
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(0)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _limit_memory(memory_limit_mb: int) -> None:
@@ -74,16 +80,18 @@ def _limit_memory(memory_limit_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
-def _worker_main(conn: Connection, memory_limit_mb: int, parent_pid: int) -> None:
+def _worker_main(conn: Connection, memory_limit_mb: int, parent_pid: int, preload: tuple[str, ...] = ()) -> None:
     """The worker loop: receive (fn, item), send ("ok", result) or ("err", reason)."""
-    _die_with_parent()
-    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
-        os._exit(0)
+    _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     with contextlib.suppress(Exception):
         import cv2
 
         cv2.setNumThreads(1)
+    import importlib
+
+    for name in preload:  # imports before "ready": they do not count against an item's time
+        importlib.import_module(name)
     _limit_memory(memory_limit_mb)
     conn.send(("ready", None))  # time limits count from here, not from the interpreter's start
     while True:
@@ -126,11 +134,14 @@ def death_reason(exitcode: int | None) -> str:
 
 
 class _Worker:
-    def __init__(self, ctx: Any, memory_limit_mb: int) -> None:
+    def __init__(self, ctx: Any, memory_limit_mb: int, preload: tuple[str, ...]) -> None:
         parent, child = ctx.Pipe(duplex=True)
         self.conn: Connection = parent
         self.proc = ctx.Process(
-            target=_worker_main, args=(child, memory_limit_mb, os.getpid()), daemon=True, name="screener-decode"
+            target=_worker_main,
+            args=(child, memory_limit_mb, os.getpid(), preload),
+            daemon=True,
+            name="screener-decode",
         )
         with _ENV_LOCK:
             saved = {k: os.environ.get(k) for k in _CHILD_ENV}
@@ -186,13 +197,20 @@ class WorkerPool:
     """``workers`` isolated processes; see the module doc."""
 
     def __init__(
-        self, workers: int, memory_limit_mb: int = 0, timeout_s: float = 60.0, start_method: str = "spawn"
+        self,
+        workers: int,
+        memory_limit_mb: int = 0,
+        timeout_s: float = 60.0,
+        start_method: str = "spawn",
+        preload: tuple[str, ...] = (),
     ) -> None:
+        """`preload`: modules each worker imports before it takes work (the task's module)."""
         if workers < 1:
             raise ValueError("a worker pool needs at least one worker")
         self.size = int(workers)
         self.memory_limit_mb = int(memory_limit_mb)
         self.timeout_s = float(timeout_s)
+        self.preload = tuple(preload)
         self._ctx = mp.get_context(start_method)
         self._lock = threading.Lock()
         self._workers: list[_Worker] = [self._spawn() for _ in range(self.size)]
@@ -202,7 +220,7 @@ class WorkerPool:
         self.replaced = 0  # workers replaced after a death or an overrun (for metrics and tests)
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self.memory_limit_mb)
+        return _Worker(self._ctx, self.memory_limit_mb, self.preload)
 
     def pids(self) -> list[int]:
         return [w.pid for w in self._workers if w.pid is not None]

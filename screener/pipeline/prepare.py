@@ -24,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 from screener.config import RoutingRule
 from screener.dicom.image import SCREENED_SOP_CLASSES, ImageDecodeError, dataset_to_gray8, header_attributes
 from screener.engine import preprocessing as pp
+from screener.pipeline.decode import gray8_table
 from screener.pipeline.outcome import ImageOutcome
 from screener.routing import describe, route
 
@@ -66,8 +67,14 @@ class Prepared:
     seconds: dict[str, float] = field(default_factory=dict)  # stage timings (read, decode, preprocess)
 
 
-def read_file(path: Path, plan: Plan) -> tuple[ImageOutcome, np.ndarray | None, list[str], pydicom.Dataset | None]:
-    """Read, route and decode one file: (outcome, 8-bit gray or None, classifiers to run, header)."""
+def read_file(
+    path: Path, plan: Plan, indexed: bool = False
+) -> tuple[ImageOutcome, np.ndarray | None, list[str], np.ndarray | None]:
+    """Read, route and decode one file: (outcome, image or None, classifiers to run, table).
+
+    The image is the 8-bit gray frame (``dataset_to_gray8``) and the table None; with
+    `indexed`, where ``gray8_table`` covers the image, the stored values and their uint8
+    table instead (see ``screener.pipeline.decode``)."""
     out = ImageOutcome(Path(path))
     t0 = time.perf_counter()
     try:
@@ -98,8 +105,12 @@ def read_file(path: Path, plan: Plan) -> tuple[ImageOutcome, np.ndarray | None, 
     if not runnable:
         out.skipped = f"rule {out.route.rule}: engine(s) {', '.join(missing)} not loaded on this node"
         return out, None, [], None
+    table = None
     try:
-        gray = dataset_to_gray8(ds)
+        if indexed:
+            gray, table = gray8_table(ds)
+        else:
+            gray = dataset_to_gray8(ds)
     except ImageDecodeError as exc:
         out.failed = f"pixel data cannot be decoded: {exc.reason}"
         return out, None, [], None
@@ -107,15 +118,18 @@ def read_file(path: Path, plan: Plan) -> tuple[ImageOutcome, np.ndarray | None, 
         del ds.PixelData
     out.header = ds
     out.decode_seconds = time.perf_counter() - t0
-    return out, gray, runnable, ds
+    return out, gray, runnable, table
 
 
 def mirror_for(outcome: ImageOutcome, rcp: pp.Recipe) -> bool:
     return bool(outcome.route and rcp.mirrors(outcome.route.laterality))
 
 
-def prepare_gray(outcome: ImageOutcome, gray: np.ndarray, engines: list[str], plan: Plan) -> Prepared:
-    """The small model images of one decoded frame (see the module doc)."""
+def prepare_gray(
+    outcome: ImageOutcome, gray: np.ndarray, engines: list[str], plan: Plan, table: np.ndarray | None = None
+) -> Prepared:
+    """The small model images of one decoded frame (see the module doc). With `table`, `gray`
+    holds stored values and ``table[gray]`` is the 8-bit frame (mapped only where read)."""
     prep = Prepared(outcome, list(engines))
     needs_box = False
     for name in engines:
@@ -125,11 +139,17 @@ def prepare_gray(outcome: ImageOutcome, gray: np.ndarray, engines: list[str], pl
             needs_box = True
             continue
         try:
-            prep.inputs[name] = pp.prepare(gray, spec.recipe, None, mirror=mirror_for(outcome, spec.recipe))
+            mirror = mirror_for(outcome, spec.recipe)
+            if table is None:
+                prep.inputs[name] = pp.prepare(gray, spec.recipe, None, mirror=mirror)
+            else:
+                prep.inputs[name] = pp.prepare_indexed(gray, table, spec.recipe, None, mirror=mirror)
         except ValueError as exc:
             outcome.failed = f"{name}: preprocessing failed ({exc})"
             return prep
     if needs_box:
+        if table is not None:
+            gray = table[gray]
         roi = plan.spec("roi")
         assert roi is not None
         try:
@@ -144,10 +164,10 @@ def prepare_gray(outcome: ImageOutcome, gray: np.ndarray, engines: list[str], pl
 def prepare_file(job: Job) -> Prepared:
     """Worker task: one file to its small model inputs (or a skipped/failed outcome)."""
     t0 = time.perf_counter()
-    outcome, gray, engines, _ds = read_file(Path(job.path), job.plan)
+    outcome, gray, engines, table = read_file(Path(job.path), job.plan, indexed=True)
     t1 = time.perf_counter()
     if gray is None or outcome.failed:
         return Prepared(outcome, seconds={"read_decode": t1 - t0})
-    prep = prepare_gray(outcome, gray, engines, job.plan)
+    prep = prepare_gray(outcome, gray, engines, job.plan, table)
     prep.seconds = {"read_decode": t1 - t0, "preprocess": time.perf_counter() - t1}
     return prep

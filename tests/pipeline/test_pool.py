@@ -30,7 +30,7 @@ def children_of(pid: int) -> set[int]:
 
 @pytest.fixture(scope="module")
 def pool():
-    with WorkerPool(2, memory_limit_mb=768, timeout_s=5.0) as p:
+    with WorkerPool(2, memory_limit_mb=768, timeout_s=5.0, preload=("tests.pipeline.tasks",)) as p:
         yield p
 
 
@@ -70,7 +70,7 @@ def test_memory_limit_fails_the_item(pool):
 
 
 def test_timeout_kills_and_replaces_the_worker():
-    with WorkerPool(1, timeout_s=0.5) as p:
+    with WorkerPool(1, timeout_s=0.5, preload=("tests.pipeline.tasks",)) as p:
         before = set(p.pids())
         t0 = time.monotonic()
         got = dict(p.map(tasks.sleep_s, [30.0, 0.01]))
