@@ -147,6 +147,7 @@ def replay(
     engines: Mapping[str, LoadedEngine],
     chunk: int = 32,
     progress: bool = True,
+    write_sr: bool = True,
 ) -> ReplaySummary:
     folder, out = Path(folder), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +179,7 @@ def replay(
     rows = [r for f in sorted(done) for r in done[f] if (folder / f).exists()]
     write_audit(out, rows)
     try:
-        n_srs, n_studies = write_srs(out, folder, rows, engines, screener)
+        n_srs, n_studies = write_srs(out, folder, rows, engines, screener) if write_sr else (0, 0)
     finally:
         screener.close()
     by_file: dict[str, str] = {r["file"]: r["status"] for r in rows}

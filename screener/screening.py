@@ -124,6 +124,7 @@ class Screener:
         for p in paths:
             prep = self.task(Job(str(p), self.plan))
             prep.outcome.path = Path(p)
+            self._add_seconds(prep.seconds)
             batch.outcomes.append(prep.outcome)
             batch.prepared.append(prep)
         return batch

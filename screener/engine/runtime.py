@@ -12,7 +12,7 @@ The ``torch`` backend runs the engine's ``torch.export`` program (``model.pt2``,
 by ``trainer build-engine``). On CUDA: fp16 weights, channels-last, inputs padded to a
 fixed set of batch sizes and each size captured once in a CUDA graph at load (replays
 cost a copy in and a copy out); ``SCREENER_TORCH_MODE=compile`` uses
-``torch.compile(mode="max-autotune-no-cudagraphs")`` instead, ``eager`` neither. On the
+``torch.compile(mode="reduce-overhead")`` instead, ``eager`` neither. On the
 CPU (tests, hosts without CUDA) it runs the program in fp32 as exported.
 """
 
@@ -259,9 +259,11 @@ class TorchEngine:
             sizes.append(b)
             b *= 2
         self.buckets = [*sizes, self.max_batch]
+        if self.cuda and self.mode == "compile":
+            self.buckets = [self.max_batch]  # one compiled shape; smaller batches are padded
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}
         if self.cuda and self.mode == "compile":
-            self.module = torch.compile(module, mode="max-autotune-no-cudagraphs", dynamic=False)
+            self.module = torch.compile(module, mode="reduce-overhead", dynamic=False)
         if self.cuda and image_size and self.mode in ("graph", "compile"):
             for size in self.buckets:  # everything compiled or captured at load, not on first use
                 self._run_padded(torch.zeros(size, 3, image_size, image_size, device=self.device, dtype=self.dtype))

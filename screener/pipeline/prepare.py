@@ -171,3 +171,15 @@ def prepare_file(job: Job) -> Prepared:
     prep = prepare_gray(outcome, gray, engines, job.plan, table)
     prep.seconds = {"read_decode": t1 - t0, "preprocess": time.perf_counter() - t1}
     return prep
+
+
+def prepare_file_reference(job: Job) -> Prepared:
+    """As ``prepare_file``, on the reference order (whole frame through ``dataset_to_gray8``)."""
+    t0 = time.perf_counter()
+    outcome, gray, engines, _table = read_file(Path(job.path), job.plan)
+    t1 = time.perf_counter()
+    if gray is None or outcome.failed:
+        return Prepared(outcome, seconds={"read_decode": t1 - t0})
+    prep = prepare_gray(outcome, gray, engines, job.plan)
+    prep.seconds = {"read_decode": t1 - t0, "preprocess": time.perf_counter() - t1}
+    return prep
