@@ -29,13 +29,20 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import dx_images, log, random_engine, write_files
-from bench.node import present_engines
 from screener import config, logs
 from screener.config import PipelineSettings
 from screener.node import load_engines
 from screener.pipeline.prepare import prepare_file_reference
 from screener.replay import replay
 from screener.screening import Screener
+
+
+def present_engines(folder: Path) -> list[str]:
+    """Every engine with a manifest in `folder` (as bench.node, without its network imports)."""
+    names = sorted(p.parent.name for p in Path(folder).glob("*/manifest.json"))
+    if not names:
+        raise SystemExit(f"no engines in {folder}: build them (make run builds demo engines)")
+    return names
 
 
 def link_folder(sources: list[Path], n: int, folder: Path) -> list[Path]:
@@ -74,12 +81,22 @@ def engines_only_rate(screener: Screener, sources: list[Path], n: int, batch: in
             continue
         from screener.engine import preprocessing as pp
 
-        x_all = pp.normalize_batch(np.stack(imgs), m.normalization)
-        x = np.concatenate([x_all] * (n // len(x_all) + 1))[:n]
-        eng.predict(x[:batch])  # warm-up
+        on_device = getattr(eng.runtime, "predict_uint8", None) if getattr(eng.runtime, "cuda", False) else None
+        if on_device is not None:  # as the Screener does on CUDA: uint8 in, normalized on the GPU
+            u8 = np.stack(imgs)
+            x = np.concatenate([u8] * (n // len(u8) + 1))[:n]
+            mean, std = m.normalization.mean, m.normalization.std
+
+            def run(chunk: np.ndarray, f=on_device, mean=mean, std=std) -> object:  # type: ignore[misc]
+                return f(chunk, mean, std)
+        else:
+            x_all = pp.normalize_batch(np.stack(imgs), m.normalization)
+            x = np.concatenate([x_all] * (n // len(x_all) + 1))[:n]
+            run = eng.predict
+        run(x[:batch])  # warm-up
         t0 = time.perf_counter()
         for i in range(0, n, batch):
-            eng.predict(x[i : i + batch])
+            run(x[i : i + batch])
         per_engine[name] = time.perf_counter() - t0
         total += per_engine[name]
     return n / total, per_engine

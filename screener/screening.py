@@ -277,9 +277,16 @@ class Screener:
             used.append((p, box))
         if not images:
             return
-        x = pp.normalize_batch(np.stack(images), norm)
-        t1 = time.perf_counter()
-        probs = np.asarray(engine.predict(x), dtype=np.float64).reshape(len(images), -1)[:, -1]
+        on_device = getattr(engine.runtime, "predict_uint8", None)
+        if on_device is not None and getattr(engine.runtime, "cuda", False):
+            u8 = np.stack(images)  # normalized on the GPU: a quarter of the bytes cross the bus
+            t1 = time.perf_counter()
+            out = on_device(u8, norm.mean, norm.std)
+        else:
+            x = pp.normalize_batch(np.stack(images), norm)
+            t1 = time.perf_counter()
+            out = engine.predict(x)
+        probs = np.asarray(out, dtype=np.float64).reshape(len(images), -1)[:, -1]
         t2 = time.perf_counter()
         self._add_seconds({"normalize": t1 - t0, "classifier_engine": t2 - t1})
         per_image = (t2 - t1) / len(images)

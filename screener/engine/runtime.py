@@ -319,6 +319,30 @@ class TorchEngine:
                 outs.append(out[:n].float().clone())
         return torch.cat(outs) if outs else torch.zeros((0,), device=self.device)
 
+    def predict_uint8(self, images: np.ndarray, mean: Any, std: Any) -> np.ndarray:
+        """uint8 (N, S, S, 3) model images -> outputs on the host, normalized on the device.
+
+        A quarter of the bytes of the float32 batch cross the bus. The normalization is
+        ``preprocessing.normalize_batch``'s float32 operations in the same order
+        ((x / 255 - mean) / std, each correctly rounded), then the cast to fp16."""
+        if len(images) == 0:
+            return np.zeros((0,), np.float32)
+        return self.predict_tensor(self.normalize_uint8(images, mean, std).to(self.dtype)).cpu().numpy()
+
+    def normalize_uint8(self, images: np.ndarray, mean: Any, std: Any) -> Any:
+        """uint8 (N, S, S, 3) on the host -> float32 (N, 3, S, S) on the device (see predict_uint8)."""
+        torch = self._torch
+        u8 = np.ascontiguousarray(images, dtype=np.uint8)
+        if u8.ndim != 4 or u8.shape[-1] != 3:
+            raise ValueError(f"expected uint8 (N, S, S, 3) images, got shape {u8.shape}")
+        t = torch.from_numpy(u8)
+        if self.cuda:
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        m = torch.tensor(np.asarray(mean, np.float32), device=t.device).view(1, 3, 1, 1)
+        sd = torch.tensor(np.asarray(std, np.float32), device=t.device).view(1, 3, 1, 1)
+        x = t.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        return ((x - m) / sd).contiguous()
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, 3, S, S) -> float32 outputs on the host."""
         torch = self._torch

@@ -244,3 +244,14 @@ def test_auto_picks_torch_only_with_cuda(torch_folder, monkeypatch):
     monkeypatch.setattr(runtime, "torch_cuda_available", lambda: (True, ""))
     monkeypatch.setattr(runtime, "tensorrt_available", lambda: (False, "none"))
     assert runtime.choose_backend(man, "auto").name == "torch"
+
+
+def test_torch_uint8_input_matches_host_normalization(torch_folder):
+    eng = runtime.load_engine(torch_folder, "torch").runtime
+    u8 = np.random.default_rng(5).integers(0, 256, size=(3, SIZE, SIZE, 3), dtype=np.uint8)
+    norm = Normalization((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    from screener.engine.preprocessing import normalize_batch
+
+    want = normalize_batch(u8, norm)
+    assert np.array_equal(eng.normalize_uint8(u8, norm.mean, norm.std).numpy(), want)  # bit for bit
+    assert np.allclose(eng.predict_uint8(u8, norm.mean, norm.std), eng.predict(want), atol=1e-6)
