@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--quick", action="store_true", help="small sizes, for a CPU dry run of the script")
     p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--replay-only", action="store_true", help="skip the engines-only measurements")
     args = p.parse_args(argv)
     import torch
 
@@ -171,13 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp_s:
             tmp = Path(tmp_s)
-            sizes = [224] if args.quick else [224, 512]
+            sizes = [224] if (args.quick or args.replay_only) else [224, 512]
             folders = {}
             for size in sizes:
                 t0 = time.perf_counter()
                 folders[size] = random_engine(tmp / f"e{size}", size, backends=("torch",))
                 log(f"[{card}] exported ResNet50 {size}px torch program in {time.perf_counter() - t0:.1f} s", out)
-            if cuda:
+            if cuda and not args.replay_only:
                 engine_rates(folders[224], 224, [32, 128, 256, 512], args.seconds, card, out)
                 if 512 in folders:
                     engine_rates(folders[512], 512, [32, 64, 128], args.seconds, card, out)

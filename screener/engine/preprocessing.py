@@ -288,13 +288,20 @@ def _finish(
     h, w = shape
     if real.size == 0:
         raise ValueError(f"empty crop window {win} for image {w}x{h}")
-    channels = [_pad_to_window(ch, win, (h, w), val) for ch, val in colour_channels(real, rcp.colour)]
-    img = np.dstack(channels)
+    chans = colour_channels(real, rcp.colour)
+    if all(ch is chans[0][0] and val == chans[0][1] for ch, val in chans):
+        # Three identical channels (gray, equalize): pad, mirror and resize one, then stack it.
+        # cv2.resize treats channels independently, so this is the 3-channel result (tested).
+        chans = chans[:1]
+    img = np.dstack([_pad_to_window(ch, win, (h, w), val) for ch, val in chans])
     if mirror:
         img = img[:, ::-1]
     size = rcp.image_size
     interp = cv2.INTER_AREA if img.shape[0] >= size and img.shape[1] >= size else cv2.INTER_LINEAR
-    return np.ascontiguousarray(cv2.resize(np.ascontiguousarray(img), (size, size), interpolation=interp))
+    out = cv2.resize(np.ascontiguousarray(img), (size, size), interpolation=interp)
+    if out.ndim == 2:
+        out = np.dstack([out, out, out])
+    return np.ascontiguousarray(out)
 
 
 def prepare_indexed(
@@ -315,10 +322,11 @@ def prepare_indexed(
     if rcp.auto_polarity:
         # border_mean on the mapped ring: the same values in the same order, so the same mean.
         bh, bw = max(1, int(h * 0.05)), max(1, int(w * 0.05))
-        ring = np.concatenate(
-            [lut[raw[:bh]].ravel(), lut[raw[-bh:]].ravel(), lut[raw[:, :bw]].ravel(), lut[raw[:, -bw:]].ravel()]
-        )
-        if float(ring.mean()) > 127.0:  # fix_polarity: 255 - gray, folded into the table
+        # The mean of uint8 values is an exact integer sum divided by the count (every float64
+        # partial sum is an integer below 2**53), so the parts can be summed separately.
+        parts = (raw[:bh], raw[-bh:], raw[:, :bw], raw[:, -bw:])
+        total = sum(int(lut[part].sum(dtype=np.int64)) for part in parts)
+        if total / sum(part.size for part in parts) > 127.0:  # fix_polarity: 255 - gray, folded into the table
             lut = (255 - lut).astype(np.uint8)
     win = window((h, w), rcp, box)
     x0, y0, x1, y1 = win

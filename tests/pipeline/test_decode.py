@@ -75,3 +75,21 @@ def test_uncovered_images_fall_back():
     del ds.RescaleSlope, ds.RescaleIntercept
     gray, table = gray8_table(ds)
     assert table is None and np.array_equal(gray, dataset_to_gray8(ds))
+
+
+@pytest.mark.parametrize("shape", [(97, 131), (500, 500), (640, 480), (50, 40)])
+def test_one_channel_resize_equals_three(shape):
+    """prepare's shortcut for identical channels gives the 3-channel resize, bit for bit."""
+    import cv2
+
+    rng = np.random.default_rng(shape[0])
+    g = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    for size in (32, 224, 512):
+        for mirror in (False, True):
+            rcp = pp.Recipe("t", crop="centre", centre_size=max(shape), image_size=size, auto_polarity=False)
+            got = pp.prepare(g, rcp, mirror=mirror)
+            win = pp.window(shape, rcp, None)
+            img = np.dstack([pp._pad_to_window(g, win, shape, 0)] * 3)
+            img = np.ascontiguousarray(img[:, ::-1] if mirror else img)
+            interp = cv2.INTER_AREA if img.shape[0] >= size and img.shape[1] >= size else cv2.INTER_LINEAR
+            assert np.array_equal(got, cv2.resize(img, (size, size), interpolation=interp))
