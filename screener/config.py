@@ -100,7 +100,6 @@ class PipelineSettings:
     memory_limit_mb: int = 3072  # RLIMIT_AS of each worker; 0: no limit
     image_timeout_s: float = 60.0  # a worker still busy with one image after this is killed
     prefetch_batches: int = 2  # batches decoded ahead of the engines
-    exact: bool = True  # False: allow the measured pixel-changing fast routes (docs/results/decode-parity.md)
 
     def __post_init__(self) -> None:
         if self.workers < 0:
