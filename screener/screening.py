@@ -196,7 +196,8 @@ class Screener:
             try:
                 for idx, res in results:
                     if isinstance(res, Failure):
-                        res = Prepared(ImageOutcome(paths[idx], failed=res.reason))
+                        crashed = res.kind in ("died", "timeout")
+                        res = Prepared(ImageOutcome(paths[idx], failed=res.reason, crashed=crashed))
                     res.outcome.path = paths[idx]
                     self._add_seconds(res.seconds)
                     ready[idx] = res

@@ -33,6 +33,9 @@ class ImageOutcome:
     skipped: str = ""  # reason the image was not screened (not an error of the node)
     failed: str = ""  # reason the image could not be screened (bad data)
     decode_seconds: float = 0.0
+    # The decode worker died (a decoder crash, killed) or overran on this image: what a
+    # quarantine counts (an image that keeps crashing workers must not be retried forever).
+    crashed: bool = False
 
     @property
     def state(self) -> str:

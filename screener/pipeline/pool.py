@@ -48,9 +48,13 @@ _ENV_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class Failure:
-    """Why an item produced no result (the pool's words; no header values)."""
+    """Why an item produced no result (the pool's words; no header values).
+
+    `kind`: "error" (the task raised), "memory" (MemoryError under the limit), "died" (the
+    worker ended: a signal, e.g. a decoder's SIGABRT/SIGSEGV, or killed), "timeout"."""
 
     reason: str
+    kind: str = "error"
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -105,13 +109,13 @@ def _worker_main(conn: Connection, memory_limit_mb: int, parent_pid: int, preloa
         try:
             reply: tuple[str, Any] = ("ok", fn(item))
         except MemoryError:
-            reply = ("err", "out of memory: the image needs more than the decode worker's memory limit")
+            reply = ("mem", "out of memory: the image needs more than the decode worker's memory limit")
         except BaseException as exc:  # noqa: BLE001 - any error fails this item only
             reply = ("err", f"decoding raised an unexpected error ({exc.__class__.__name__})")
         try:
             conn.send(reply)
         except MemoryError:
-            conn.send(("err", "out of memory: the result is larger than the decode worker's memory limit"))
+            conn.send(("mem", "out of memory: the result is larger than the decode worker's memory limit"))
         except (BrokenPipeError, EOFError, OSError):
             return
         del reply, msg, fn, item
@@ -304,7 +308,7 @@ class WorkerPool:
                         if tries == 0:
                             todo.appendleft((idx, item, 1))
                         else:
-                            yield idx, Failure("the decode worker could not be started for this image")
+                            yield idx, Failure("the decode worker could not be started for this image", "died")
                         break
                     w.task, w.deadline = idx, time.monotonic() + self.timeout_s
                     busy[idx] = (w, item, tries)
@@ -325,16 +329,17 @@ class WorkerPool:
                         try:
                             if w.conn.poll():
                                 status, value = w.conn.recv()
-                                result = value if status == "ok" else Failure(value)
+                                kind = {"err": "error", "mem": "memory"}.get(status, "error")
+                                result = value if status == "ok" else Failure(value, kind)
                                 done = True
                         except (EOFError, OSError):
                             pass
                         if not done and (w.proc.sentinel in ready or not w.proc.is_alive()):
                             w.proc.join(1)
-                            result, done = Failure(death_reason(w.proc.exitcode)), True
+                            result, done = Failure(death_reason(w.proc.exitcode), "died"), True
                             self._replace(w)
                     elif now >= w.deadline:
-                        result, done = Failure(f"decoding took longer than {self.timeout_s:g} s"), True
+                        result, done = Failure(f"decoding took longer than {self.timeout_s:g} s", "timeout"), True
                         self._replace(w)
                     if done:
                         w.task = None

@@ -44,7 +44,7 @@ def test_results_for_every_item(pool):
 
 def test_abort_fails_that_item_and_the_rest_go_on(pool):
     got = results(pool, tasks.abort_on_3, range(6))
-    assert isinstance(got[3], Failure) and "aborted" in got[3].reason
+    assert isinstance(got[3], Failure) and "aborted" in got[3].reason and got[3].kind == "died"
     assert {i: v for i, v in got.items() if i != 3} == {i: 2 * i for i in range(6) if i != 3}
     assert len(pool.pids()) == 2  # replaced
     assert results(pool, tasks.echo, [1]) == {0: 2}
@@ -66,7 +66,7 @@ def test_exception_reason_has_no_message_text(pool):
 def test_memory_limit_fails_the_item(pool):
     got = results(pool, tasks.allocate_mb, [8, 2048, 8])
     assert got[0] == 1 and got[2] == 1
-    assert isinstance(got[1], Failure) and "memory" in got[1].reason
+    assert isinstance(got[1], Failure) and "memory" in got[1].reason and got[1].kind == "memory"
 
 
 def test_timeout_kills_and_replaces_the_worker():
@@ -75,7 +75,7 @@ def test_timeout_kills_and_replaces_the_worker():
         t0 = time.monotonic()
         got = dict(p.map(tasks.sleep_s, [30.0, 0.01]))
         assert time.monotonic() - t0 < 20
-        assert isinstance(got[0], Failure) and "longer than" in got[0].reason
+        assert isinstance(got[0], Failure) and "longer than" in got[0].reason and got[0].kind == "timeout"
         assert got[1] == 0.01
         assert set(p.pids()).isdisjoint(before)
 

@@ -68,7 +68,8 @@ def test_crashing_file_fails_with_reason_and_the_batch_goes_on(tiny_engine, dx_f
         outs = {o.path.name: o for o in s.screen(paths)}
         pids = set(s.pool.pids())
     bad = outs[f"img2-{tasks.POISON}.dcm"]
-    assert bad.state == "failed" and "aborted" in bad.failed
+    assert bad.state == "failed" and "aborted" in bad.failed and bad.crashed
+    assert not any(o.crashed for o in outs.values() if o is not bad)
     assert sum(o.state == "screened" for o in outs.values()) == 8
     assert not (pids & children_of(os.getpid()))
 
