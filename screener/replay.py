@@ -75,7 +75,7 @@ class ReplaySummary:
 
 def list_files(folder: Path) -> list[Path]:
     """Every regular file under `folder`, sorted (hidden files and folders skipped)."""
-    files = []
+    files: list[Path] = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))

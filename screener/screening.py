@@ -301,7 +301,7 @@ class Screener:
                     probability=float(prob),
                     present=bool(prob >= thr),
                     threshold=thr,
-                    roi=tuple(float(v) for v in box) if box else None,
+                    roi=(float(box[0]), float(box[1]), float(box[2]), float(box[3])) if box else None,
                     seconds=per_image,
                 )
             )

@@ -251,7 +251,7 @@ class TorchEngine:
             self.dtype = torch.float16
         else:
             self.dtype = torch.float32
-        self.module = module
+        self.module: Any = module
         self.image_size = image_size
         # Padded batch sizes: powers of two up to max_batch (each compiled or captured once).
         sizes, b = [], 1

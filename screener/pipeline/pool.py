@@ -321,8 +321,8 @@ class WorkerPool:
                 ready = wait([w.conn for w in running] + [w.proc.sentinel for w in running], timeout)
                 now = time.monotonic()
                 for w in running:
-                    idx = w.task
-                    assert idx is not None
+                    task_idx = w.task
+                    assert task_idx is not None
                     result: Any = None
                     done = False
                     if w.conn in ready or w.proc.sentinel in ready:
@@ -343,8 +343,8 @@ class WorkerPool:
                         self._replace(w)
                     if done:
                         w.task = None
-                        del busy[idx]
-                        yield idx, result
+                        del busy[task_idx]
+                        yield task_idx, result
         finally:
             # The caller stopped early (or an error): workers still busy hold stale work.
             for w, _item, _tries in list(busy.values()):
