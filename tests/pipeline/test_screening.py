@@ -111,3 +111,21 @@ def test_replay_finishes_and_lists_bad_files(tiny_engine, dx_folder, tmp_path, s
         assert "aborted" in failed[f"img3-{tasks.POISON}.dcm"]
     assert result.screened == 8 and data["error"] == ""
     assert (out / "sr").is_dir() and len(list((out / "sr").iterdir())) == 1
+
+
+def test_memory_bomb_fails_that_image(tiny_engine, dx_folder, tmp_path):
+    """A 10 KB RLE file declaring 65535 x 65535 pixels (8 GiB) fails alone under the memory limit."""
+    from pydicom.uid import RLELossless
+
+    from tests.pipeline.conftest import gray_image
+    from tests.support.dicom_factory import make_dx, make_study_ids
+
+    ds = make_dx(gray_image(1, 64), make_study_ids(), "LL")
+    ds.compress(RLELossless, encoding_plugin="pylibjpeg")
+    ds.Rows, ds.Columns = 65535, 65535
+    bomb = tmp_path / "bomb.dcm"
+    ds.save_as(bomb, enforce_file_format=True)
+    with Screener(tiny_engine, RULES, pipeline=SETTINGS) as s:
+        outs = s.screen([dx_folder / "img0.dcm", bomb, dx_folder / "img1.dcm"])
+    assert [o.state for o in outs] == ["screened", "failed", "screened"]
+    assert "allocate" in outs[1].failed or "memory" in outs[1].failed
