@@ -9,10 +9,11 @@ onnxruntime is imported when an ONNX engine is opened; torch and torch_tensorrt 
 when a TensorRT or torch engine is considered, so a CPU node never pays for them.
 
 The ``torch`` backend runs the engine's ``torch.export`` program (``model.pt2``, written
-by ``trainer build-engine``). On CUDA: fp16 weights, channels-last, inputs padded to a
-fixed set of batch sizes and each size captured once in a CUDA graph at load (replays
-cost a copy in and a copy out); ``SCREENER_TORCH_MODE=compile`` uses
-``torch.compile(mode="reduce-overhead")`` instead, ``eager`` neither. On the
+by ``trainer build-engine``). On CUDA: fp16 weights, channels-last, compiled once at
+load with ``torch.compile(mode="reduce-overhead")`` for one padded batch size (about 20 s;
+``SCREENER_TORCH_MODE=compile``, the default). Where compiling fails, or with
+``SCREENER_TORCH_MODE=graph``, inputs are padded to powers of two and each size is captured
+once in a CUDA graph at load; ``eager`` does neither. On the
 CPU (tests, hosts without CUDA) it runs the program in fp32 as exported.
 """
 
@@ -237,7 +238,7 @@ class TorchEngine:
         self.backend = backend
         self.max_batch = max(1, int(max_batch))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.mode = mode or os.environ.get("SCREENER_TORCH_MODE", "graph")
+        self.mode = mode or os.environ.get("SCREENER_TORCH_MODE", "compile")
         if self.mode not in TORCH_MODES:
             raise UserError(f"SCREENER_TORCH_MODE={self.mode!r}: expected one of {', '.join(TORCH_MODES)}")
         try:
@@ -263,10 +264,25 @@ class TorchEngine:
             self.buckets = [self.max_batch]  # one compiled shape; smaller batches are padded
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}
         if self.cuda and self.mode == "compile":
-            self.module = torch.compile(module, mode="reduce-overhead", dynamic=False)
-        if self.cuda and image_size and self.mode in ("graph", "compile"):
-            for size in self.buckets:  # everything compiled or captured at load, not on first use
-                self._run_padded(torch.zeros(size, 3, image_size, image_size, device=self.device, dtype=self.dtype))
+            try:
+                self.module = torch.compile(module, mode="reduce-overhead", dynamic=False)
+                self._warm_up()
+            except Exception as exc:  # noqa: BLE001 - no compiler toolchain, an Inductor bug: CUDA graphs
+                from screener.logs import get_logger
+
+                get_logger(__name__).warning("torch_compile_failed", engine=self.name, error=exc.__class__.__name__)
+                self.mode, self.module = "graph", module
+                self.buckets = [*sizes, self.max_batch]
+        if self.cuda and self.mode == "graph":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile or capture every padded batch size now, at load, not on first use."""
+        if not self.image_size:
+            return
+        s = self.image_size
+        for size in self.buckets:
+            self._run_padded(self._torch.zeros(size, 3, s, s, device=self.device, dtype=self.dtype))
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
