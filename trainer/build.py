@@ -416,6 +416,12 @@ def _export_backends(
             }
         )
         log.info("onnx_exported", max_abs_diff=diff, int8_auroc=auc8, fp32_auroc=auc32, int8_kept=keep)
+    try:  # the node's `torch` backend (GPU hosts without TensorRT)
+        pt2 = export.export_torch_program(head, folder / "model.pt2", rcp.image_size)
+        backends.append(export.backend_record("torch", pt2, folder, "fp32"))
+    except Exception as exc:  # noqa: BLE001 - an unexportable model keeps its ONNX engines
+        info["torch"] = f"torch.export program not written: {exc.__class__.__name__}"
+        log.warning("torch_export_failed", error=exc.__class__.__name__)
     trt = export.tensorrt_backend(head, folder, rcp.image_size, opts.backend, info)
     if trt is not None:
         backends.append(trt)
