@@ -5,6 +5,8 @@
   preprocessed training images (see the function's docstring for the settings).
 * ``export_tensorrt``: a Torch-TensorRT fp16 program (NVIDIA hosts with the
   ``tensorrt`` extra only; imported lazily, never at module import).
+* ``export_torch_program``: the ``torch.export`` program (``model.pt2``) the node's
+  ``torch`` backend runs (CUDA fp16, or the CPU).
 * ``compare_with_torch`` / ``onnx_predict``: parity checks used by the build.
 * ``backend_record``: the manifest entry (SHA-256, path relative to the engine folder).
 
@@ -40,6 +42,7 @@ __all__ = [
     "torch_predict",
     "tensorrt_available",
     "export_tensorrt",
+    "export_torch_program",
     "backend_record",
     "is_self_contained",
     "QUANTIZED_OPS",
