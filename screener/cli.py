@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--labels", type=Path, help="CSV: sop_instance_uid or file, then a 0/1 column per engine")
     rp.add_argument("--engines", nargs="+", help="engines to run (default: engines.enabled in the config)")
     rp.add_argument(
-        "--backend", choices=("auto", "tensorrt", "onnx-int8", "onnx-fp32"), help="override engines.backend"
+        "--backend", choices=("auto", "tensorrt", "torch", "onnx-int8", "onnx-fp32"), help="override engines.backend"
     )
     rp.add_argument("--compare", type=Path, metavar="OLD_AUDIT", help="report what changed against an earlier audit")
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -196,7 +196,9 @@ def cmd_replay(settings: config.Settings, args: argparse.Namespace) -> int:
     settings = dataclasses.replace(settings, engines=eng)
     engines = load_engines(settings)
     out = args.out or folder.with_name(folder.name.rstrip("/") + "-audit")
-    screener = Screener(engines, settings.routing, settings.schedule.batch_max_size, settings.limits)
+    screener = Screener(
+        engines, settings.routing, settings.schedule.batch_max_size, settings.pipeline, limits=settings.limits
+    )
     summary = rp.replay(folder, out, screener, engines, chunk=settings.schedule.batch_max_size, progress=not args.quiet)
     print(
         f"{summary.files} files: {summary.screened} screened, {summary.skipped} skipped, {summary.failed} failed; "

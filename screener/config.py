@@ -132,12 +132,48 @@ class ScheduleSettings:
 @dataclass(frozen=True)
 class EngineSettings:
     dir: str = "engines"
-    backend: str = "auto"  # auto | tensorrt | onnx-int8 | onnx-fp32
+    backend: str = "auto"  # auto | tensorrt | torch | onnx-int8 | onnx-fp32
     enabled: list[str] = field(default_factory=lambda: ["spondylosis"])
 
     def __post_init__(self) -> None:
-        if self.backend not in ("auto", "tensorrt", "onnx-int8", "onnx-fp32"):
-            raise ConfigError(f"engines.backend: expected auto|tensorrt|onnx-int8|onnx-fp32, got {self.backend!r}")
+        if self.backend not in ("auto", "tensorrt", "torch", "onnx-int8", "onnx-fp32"):
+            raise ConfigError(
+                f"engines.backend: expected auto|tensorrt|torch|onnx-int8|onnx-fp32, got {self.backend!r}"
+            )
+
+
+def _available_cpus() -> int:
+    try:
+        import os
+
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return 1
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The decode worker pool (screener.pipeline): isolated processes that read, decode and
+    preprocess images; each with an address-space limit and a per-image time limit."""
+
+    workers: int = 0  # 0: one per CPU this process may use (os.sched_getaffinity)
+    memory_limit_mb: int = 3072  # RLIMIT_AS of each worker; 0: no limit
+    image_timeout_s: float = 60.0  # a worker still busy with one image after this is killed
+    prefetch_batches: int = 2  # batches decoded ahead of the engines
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ConfigError("pipeline.workers: must be 0 (one per CPU) or more")
+        if self.memory_limit_mb and self.memory_limit_mb < 256:
+            raise ConfigError("pipeline.memory_limit_mb: at least 256 (or 0 for no limit)")
+        if self.image_timeout_s <= 0:
+            raise ConfigError("pipeline.image_timeout_s: must be positive")
+        if self.prefetch_batches < 1:
+            raise ConfigError("pipeline.prefetch_batches: must be at least 1")
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or _available_cpus()
 
 
 @dataclass(frozen=True)
@@ -410,6 +446,7 @@ class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     engines: EngineSettings = field(default_factory=EngineSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     destinations: list[Destination] = field(default_factory=list)
     routing: list[RoutingRule] = field(default_factory=default_routing)
     sr_folder: str = ""

@@ -127,7 +127,9 @@ class Node:
         if not self.store.owner:
             self.store.close()
             raise UserError(f"{self.var}: another screener node is already using this folder")
-        self.screener = Screener(self.engines, settings.routing, settings.schedule.batch_max_size, settings.limits)
+        self.screener = Screener(
+            self.engines, settings.routing, settings.schedule.batch_max_size, settings.pipeline, limits=settings.limits
+        )
         self.device_uid = derive_uid("cspine-screener device", settings.node.ae_title)
         self._scheduler = None
         self.listener = None
@@ -188,6 +190,7 @@ class Node:
         if self.listener is not None:
             self.listener.stop()
             self.listener = None
+        self.screener.close()  # the decode workers: no process outlives the node
         self.store.close()
         log.info("node_stopped")
 

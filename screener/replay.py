@@ -13,8 +13,11 @@ Outputs in ``--out`` (default ``FOLDER-audit``):
   software version and timings.
 - ``audit.jsonl``: the progress log. A re-run skips files already in it (resume).
 
-Decoding runs in a background thread one chunk ahead of inference, so a large archive is
-not processed serially.
+Files go through the Screener's worker pool (``screener.pipeline``): decoding and
+preprocessing of the next chunks run in isolated worker processes while the engines work
+on this one; a file that crashes or overruns a worker is listed as failed with a reason and
+the replay goes on. SRs are built in the same pool, one study per task. Replay always
+finishes: ``summary.json`` lists every failed file with its reason (``failed_files``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import json
 import os
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,9 @@ from screener import __version__
 from screener.engine.runtime import LoadedEngine
 from screener.errors import safe_reason
 from screener.logs import get_logger
+from screener.pipeline.pool import Failure
 from screener.privacy import make_tree_private
-from screener.screening import ImageOutcome, ReadBatch, Screener
+from screener.screening import ImageOutcome, Screener
 from screener.store.files import make_private_dir
 
 log = get_logger(__name__)
@@ -75,7 +78,7 @@ class ReplaySummary:
 
 def list_files(folder: Path) -> list[Path]:
     """Every regular file under `folder`, sorted (hidden files and folders skipped)."""
-    files = []
+    files: list[Path] = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
@@ -147,6 +150,7 @@ def replay(
     engines: Mapping[str, LoadedEngine],
     chunk: int = 32,
     progress: bool = True,
+    write_sr: bool = True,
 ) -> ReplaySummary:
     folder, out = Path(folder), Path(out)
     make_private_dir(out)  # the audit holds patient data (SR copies): 0700 / 0600 whatever the umask
@@ -159,25 +163,29 @@ def replay(
     from tqdm import tqdm
 
     bar = tqdm(total=len(files), initial=len(files) - len(todo), unit="img", desc="replay", disable=not progress)
-    chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
-    with open(progress_file, "a", encoding="utf-8") as log_f, ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(screener.read_many, chunks[0]) if chunks else None
-        for i in range(len(chunks)):
-            batch: ReadBatch = future.result()  # type: ignore[union-attr]
-            future = pool.submit(screener.read_many, chunks[i + 1]) if i + 1 < len(chunks) else None
-            for outcome in screener.infer(batch):
-                rows = outcome_rows(outcome, folder)
-                done[rows[0]["file"]] = rows
-                for row in rows:
-                    log_f.write(json.dumps(row, sort_keys=True) + "\n")
-            log_f.flush()
-            os.fsync(log_f.fileno())
-            bar.update(len(batch.outcomes))
+    error = ""
+    with open(progress_file, "a", encoding="utf-8") as log_f:
+        try:
+            for outcomes in screener.stream(todo, chunk):
+                for outcome in outcomes:
+                    rows = outcome_rows(outcome, folder)
+                    done[rows[0]["file"]] = rows
+                    for row in rows:
+                        log_f.write(json.dumps(row, sort_keys=True) + "\n")
+                log_f.flush()
+                os.fsync(log_f.fileno())
+                bar.update(len(outcomes))
+        except Exception as exc:  # noqa: BLE001 - an engine or disk error: keep what was done, say why
+            error = f"replay stopped early: {exc.__class__.__name__}"
+            log.error("replay_stopped", reason=error)
     bar.close()
     elapsed = time.perf_counter() - t0
     rows = [r for f in sorted(done) for r in done[f] if (folder / f).exists()]
     write_audit(out, rows)
-    n_srs, n_studies = write_srs(out, folder, rows, engines)
+    try:
+        n_srs, n_studies = write_srs(out, folder, rows, engines, screener) if write_sr else (0, 0)
+    finally:
+        screener.close()
     by_file: dict[str, str] = {r["file"]: r["status"] for r in rows}
     summary = ReplaySummary(
         out,
@@ -199,6 +207,10 @@ def replay(
                 "files_this_run": len(todo),
                 "counts": {k: v for k, v in summary.__dict__.items() if k not in ("out",)},
                 "engines": engines_summary(engines),
+                "failed_files": [
+                    {"file": r["file"], "reason": r.get("reason", "")} for r in rows if r.get("status") == "failed"
+                ],
+                "error": error,
             },
             indent=2,
             default=str,
@@ -226,45 +238,78 @@ def write_audit(out: Path, rows: list[dict[str, Any]]) -> None:
             w.writerow({**r, "roi": " ".join(f"{v:.1f}" for v in r["roi"]) if r.get("roi") else ""})
 
 
-def write_srs(
-    out: Path, folder: Path, rows: Iterable[dict[str, Any]], engines: Mapping[str, LoadedEngine]
-) -> tuple[int, int]:
-    """One SR per study from the audit rows (headers re-read without pixel data)."""
+@dataclass(frozen=True)
+class SRTask:
+    """One study's SR, built in a worker: its audit rows and the engines' manifests."""
+
+    out: str
+    folder: str
+    study_uid: str
+    rows: tuple[dict[str, Any], ...]
+    manifests: dict[str, Any]
+
+
+def build_study_sr(task: SRTask) -> str:
+    """Build and write one study's SR; returns "" when written, else why not (our words)."""
     from screener.dicom.sr import EngineInfo, Finding, build_sr, derive_uid, sr_to_bytes
 
+    findings = []
+    for r in sorted(task.rows, key=lambda r: (r["sop_instance_uid"], r["engine"])):
+        if r["engine"] not in task.manifests:
+            continue
+        try:
+            header = pydicom.dcmread(str(Path(task.folder) / r["file"]), stop_before_pixels=True)
+        except Exception as exc:  # noqa: BLE001 - the file changed or vanished since screening
+            return f"source header unreadable ({exc.__class__.__name__})"
+        info = EngineInfo.from_manifest(task.manifests[r["engine"]], r["backend"])
+        roi = tuple(r["roi"]) if r.get("roi") else None
+        findings.append(
+            Finding(
+                header, info, float(r["probability"]), r["finding"] == "present", roi=roi,
+                laterality=r.get("laterality") or None,
+            )
+        )  # fmt: skip
+    if not findings:
+        return "no findings"
+    try:
+        sr = build_sr(findings, software_version=__version__, device_uid=derive_uid("cspine-screener replay"))
+        data = sr_to_bytes(sr)
+    except Exception as exc:  # noqa: BLE001 - any header the SR cannot carry: this study only
+        return safe_reason(exc, "SR not built")
+    (Path(task.out) / "sr" / f"{task.study_uid}.dcm").write_bytes(data)
+    return ""
+
+
+def write_srs(
+    out: Path,
+    folder: Path,
+    rows: Iterable[dict[str, Any]],
+    engines: Mapping[str, LoadedEngine],
+    screener: Screener | None = None,
+) -> tuple[int, int]:
+    """One SR per study from the audit rows (headers re-read without pixel data); in the
+    screener's worker pool when given (parallel, isolated), else in this process."""
     by_study: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("engine") and r.get("study_uid"):
             by_study.setdefault(r["study_uid"], []).append(r)
     (out / "sr").mkdir(exist_ok=True)
+    manifests = {name: e.manifest for name, e in engines.items()}
+    tasks = [SRTask(str(out), str(folder), uid, tuple(items), manifests) for uid, items in sorted(by_study.items())]
+    if screener is None or screener.serial or len(tasks) < 2:
+        answers = [build_study_sr(t) for t in tasks]
+    else:
+        answers = [""] * len(tasks)
+        for i, res in screener.pool.map(build_study_sr, tasks):
+            answers[i] = res.reason if isinstance(res, Failure) else res
     written = 0
-    for study_uid, items in sorted(by_study.items()):
-        findings = []
-        for r in sorted(items, key=lambda r: (r["sop_instance_uid"], r["engine"])):
-            if r["engine"] not in engines:
-                continue
-            header = pydicom.dcmread(str(folder / r["file"]), stop_before_pixels=True)
-            info = EngineInfo.from_manifest(engines[r["engine"]].manifest, r["backend"])
-            roi = tuple(r["roi"]) if r.get("roi") else None
-            findings.append(
-                Finding(
-                    header,
-                    info,
-                    float(r["probability"]),
-                    r["finding"] == "present",
-                    roi=roi,
-                    laterality=r.get("laterality") or None,
-                )
-            )
-        if not findings:
+    for t, why in zip(tasks, answers):
+        if why == "no findings":
             continue
-        try:
-            sr = build_sr(findings, software_version=__version__, device_uid=derive_uid("cspine-screener replay"))
-        except ValueError as exc:
-            log.warning("sr_not_built", study_uid=study_uid, reason=safe_reason(exc, "SR not built"))
-            continue
-        (out / "sr" / f"{study_uid}.dcm").write_bytes(sr_to_bytes(sr))
-        written += 1
+        if why:
+            log.warning("sr_not_built", study_uid=t.study_uid, reason=why)
+        else:
+            written += 1
     return written, len(by_study)
 
 

@@ -5,6 +5,8 @@
   preprocessed training images (see the function's docstring for the settings).
 * ``export_tensorrt``: a Torch-TensorRT fp16 program (NVIDIA hosts with the
   ``tensorrt`` extra only; imported lazily, never at module import).
+* ``export_torch_program``: the ``torch.export`` program (``model.pt2``) the node's
+  ``torch`` backend runs (CUDA fp16, or the CPU).
 * ``compare_with_torch`` / ``onnx_predict``: parity checks used by the build.
 * ``backend_record``: the manifest entry (SHA-256, path relative to the engine folder).
 
@@ -40,6 +42,7 @@ __all__ = [
     "torch_predict",
     "tensorrt_available",
     "export_tensorrt",
+    "export_torch_program",
     "backend_record",
     "is_self_contained",
     "QUANTIZED_OPS",
@@ -384,3 +387,20 @@ def tensorrt_backend(
     trt = export_tensorrt(module, folder / "model.trt.ep", image_size)
     info["tensorrt"] = "built"
     return backend_record("tensorrt-fp16", trt, folder, "fp16")
+
+
+# --------------------------------------------------------------------------- torch.export (the `torch` backend)
+
+
+def export_torch_program(module: nn.Module, path: Path, image_size: int, max_batch: int = 4096) -> Path:
+    """Write the engine's ``torch.export`` program (``torch.export.save``): fp32 in, outputs as the
+    ONNX file's, dynamic batch. The node's ``torch`` backend loads it (CUDA fp16, or the CPU)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = _cpu_eval_copy(module)
+    example = torch.zeros(2, 3, image_size, image_size)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with torch.no_grad():
+        program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return path

@@ -133,12 +133,19 @@ def export_and_gate(
     """The engine's backend files in `folder` and what was measured on them.
 
     `requested`: onnx | tensorrt | all. ONNX fp32 + int8 (int8 kept only within the gate's
-    tolerance of fp32), then TensorRT when asked and possible. `test_inputs`: normalized test
+    tolerance of fp32), the ``torch.export`` program (``model.pt2``, the node's `torch` backend), then
+    TensorRT when asked and possible. `test_inputs`: normalized test
     tensors (N, 3, S, S); `calibration`: normalized training tensors for the int8 quantizer."""
     backends: list[mf.Backend] = []
     info: dict[str, Any] = {f"torch_test_{gate.key}": torch_score}
     if requested in ("onnx", "all"):
         backends += _onnx_backends(module, folder, image_size, gate, test_inputs, calibration, output_name, info)
+    try:  # the node's `torch` backend (GPU hosts without TensorRT)
+        pt2 = export.export_torch_program(module, folder / "model.pt2", image_size)
+        backends.append(export.backend_record("torch", pt2, folder, "fp32"))
+    except Exception as exc:  # noqa: BLE001 - an unexportable model keeps its ONNX engines
+        info["torch"] = f"torch.export program not written: {exc.__class__.__name__}"
+        log.warning("torch_export_failed", error=exc.__class__.__name__)
     trt = export.tensorrt_backend(module, folder, image_size, requested, info)
     if trt is not None:
         backends.append(trt)

@@ -278,15 +278,60 @@ def prepare(gray: np.ndarray, rcp: Recipe, box: Box | None = None, mirror: bool 
     win = window((h, w), rcp, box)
     x0, y0, x1, y1 = win
     real = gray[max(0, y0) : min(h, y1), max(0, x0) : min(w, x1)]
+    return _finish(real, win, (h, w), rcp, mirror)
+
+
+def _finish(
+    real: np.ndarray, win: tuple[int, int, int, int], shape: tuple[int, int], rcp: Recipe, mirror: bool
+) -> np.ndarray:
+    """`prepare` after the crop: colour, padding, mirror, resize (uint8 S x S x 3)."""
+    h, w = shape
     if real.size == 0:
         raise ValueError(f"empty crop window {win} for image {w}x{h}")
-    channels = [_pad_to_window(ch, win, (h, w), val) for ch, val in colour_channels(real, rcp.colour)]
-    img = np.dstack(channels)
+    chans = colour_channels(real, rcp.colour)
+    if all(ch is chans[0][0] and val == chans[0][1] for ch, val in chans):
+        # Three identical channels (gray, equalize): pad, mirror and resize one, then stack it.
+        # cv2.resize treats channels independently, so this is the 3-channel result (tested).
+        chans = chans[:1]
+    img = np.dstack([_pad_to_window(ch, win, (h, w), val) for ch, val in chans])
     if mirror:
         img = img[:, ::-1]
     size = rcp.image_size
     interp = cv2.INTER_AREA if img.shape[0] >= size and img.shape[1] >= size else cv2.INTER_LINEAR
-    return np.ascontiguousarray(cv2.resize(np.ascontiguousarray(img), (size, size), interpolation=interp))
+    out = cv2.resize(np.ascontiguousarray(img), (size, size), interpolation=interp)
+    if out.ndim == 2:
+        out = np.dstack([out, out, out])
+    return np.ascontiguousarray(out)
+
+
+def prepare_indexed(
+    raw: np.ndarray, lut: np.ndarray, rcp: Recipe, box: Box | None = None, mirror: bool = False
+) -> np.ndarray:
+    """``prepare(lut[raw], rcp, box, mirror)`` without mapping the whole frame (exact, tested).
+
+    `raw` is a 2-D array of non-negative integers (stored pixel values), `lut` a uint8
+    table indexed by them (the decoder's 12-to-8-bit window as a lookup table). Only the
+    pixels ``prepare`` reads are mapped: the border ring for the polarity test and the
+    crop window; for a 500 px centre crop of a 2048 px frame that is a fifth of the pixels.
+    The ``full`` crop (the ROI input) reads every pixel and maps the whole frame."""
+    if lut.dtype != np.uint8 or raw.ndim != 2:
+        raise ValueError("prepare_indexed expects a 2-D index array and a uint8 lookup table")
+    if rcp.crop == "full":
+        return prepare(lut[raw], rcp, box, mirror)
+    h, w = raw.shape
+    if rcp.auto_polarity:
+        # border_mean on the mapped ring: the same values in the same order, so the same mean.
+        bh, bw = max(1, int(h * 0.05)), max(1, int(w * 0.05))
+        # The mean of uint8 values is an exact integer sum divided by the count (every float64
+        # partial sum is an integer below 2**53), so the parts can be summed separately.
+        parts = (raw[:bh], raw[-bh:], raw[:, :bw], raw[:, -bw:])
+        total = sum(int(lut[part].sum(dtype=np.int64)) for part in parts)
+        if total / sum(part.size for part in parts) > 127.0:  # fix_polarity: 255 - gray, folded into the table
+            lut = (255 - lut).astype(np.uint8)
+    win = window((h, w), rcp, box)
+    x0, y0, x1, y1 = win
+    real = lut[raw[max(0, y0) : min(h, y1), max(0, x0) : min(w, x1)]]
+    return _finish(real, win, (h, w), rcp, mirror)
 
 
 def normalize(img: np.ndarray, norm: Normalization) -> np.ndarray:
@@ -296,6 +341,20 @@ def normalize(img: np.ndarray, norm: Normalization) -> np.ndarray:
     std = np.asarray(norm.std, dtype=np.float32)
     f = (f - mean) / std
     return np.ascontiguousarray(f.transpose(2, 0, 1))
+
+
+def normalize_batch(images: list[np.ndarray] | np.ndarray, norm: Normalization) -> np.ndarray:
+    """uint8 N x H x W x 3 -> float32 N x 3 x H x W: ``normalize`` of each image, in one pass.
+
+    The same float32 operations in the same order per element, so the result is
+    bit-identical to ``np.stack([normalize(img, norm) for img in images])`` (tested)."""
+    a = np.asarray(images) if not isinstance(images, np.ndarray) else images
+    f = a.astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(norm.mean, dtype=np.float32)
+    std = np.asarray(norm.std, dtype=np.float32)
+    f -= mean
+    f /= std
+    return np.ascontiguousarray(f.transpose(0, 3, 1, 2))
 
 
 def preprocess(

@@ -6,12 +6,21 @@ returns a runtime whose ``predict`` maps a float32 (N, 3, S, S) batch to the
 engine's outputs, batch axis first ((N,) probabilities, an (N, 4) box, ...).
 
 onnxruntime is imported when an ONNX engine is opened; torch and torch_tensorrt only
-when a TensorRT engine is considered, so a CPU node never pays for them.
+when a TensorRT or torch engine is considered, so a CPU node never pays for them.
+
+The ``torch`` backend runs the engine's ``torch.export`` program (``model.pt2``, written
+by ``trainer build-engine``). On CUDA: fp16 weights, channels-last, compiled once at
+load with ``torch.compile(mode="reduce-overhead")`` for one padded batch size (about 20 s;
+``SCREENER_TORCH_MODE=compile``, the default). Where compiling fails, or with
+``SCREENER_TORCH_MODE=graph``, inputs are padded to powers of two and each size is captured
+once in a CUDA graph at load; ``eager`` does neither. On the
+CPU (tests, hosts without CUDA) it runs the program in fp32 as exported.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +32,7 @@ from screener.engine import manifest as manifest_mod
 from screener.engine.manifest import Backend, Manifest
 from screener.errors import ManifestError, UserError
 
-REQUESTS = ("auto", "tensorrt", "onnx-int8", "onnx-fp32")
+REQUESTS = ("auto", "tensorrt", "torch", "onnx-int8", "onnx-fp32")
 DEFAULT_MAX_BATCH = 32
 TENSORRT_HINT = "TensorRT backend needs CUDA and the tensorrt extra: pip install '.[tensorrt]'"
 
@@ -183,6 +192,185 @@ class TensorRTEngine:
         return np.concatenate(outs, axis=0)
 
 
+# --------------------------------------------------------------------------- torch (torch.export program)
+
+
+def torch_cuda_available() -> tuple[bool, str]:
+    """(True, "") when torch is importable and sees a CUDA device; else (False, why not).
+
+    Without an NVIDIA driver (no /proc/driver/nvidia) torch is not even imported."""
+    if not Path("/proc/driver/nvidia").exists() and not Path("/dev/nvidiactl").exists():
+        return False, "no NVIDIA driver on this host"
+    if importlib.util.find_spec("torch") is None:
+        return False, "torch is not installed (pip install '.[gpu]')"
+    try:
+        import torch
+    except Exception as exc:  # noqa: BLE001
+        return False, f"torch is not importable ({exc.__class__.__name__})"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return True, ""
+
+
+TORCH_MODES = ("graph", "compile", "eager")
+
+
+class TorchEngine:
+    """A ``torch.export`` program: CUDA fp16 channels-last with CUDA graphs, or fp32 on the CPU."""
+
+    def __init__(
+        self,
+        path: Path,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        name: str | None = None,
+        backend: str = "torch",
+        device: str | None = None,
+        mode: str | None = None,
+        image_size: int | None = None,
+    ) -> None:
+        try:
+            import torch
+        except Exception as exc:  # noqa: BLE001
+            raise ManifestError(f"the torch backend needs PyTorch: pip install '.[gpu]' ({exc})") from None
+        self._torch = torch
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        self.backend = backend
+        self.max_batch = max(1, int(max_batch))
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.mode = mode or os.environ.get("SCREENER_TORCH_MODE", "compile")
+        if self.mode not in TORCH_MODES:
+            raise UserError(f"SCREENER_TORCH_MODE={self.mode!r}: expected one of {', '.join(TORCH_MODES)}")
+        try:
+            module = torch.export.load(str(self.path)).module()
+        except Exception as exc:  # noqa: BLE001 - any unreadable program: one answer
+            why = exc.__class__.__name__
+            raise ManifestError(f"{self.path}: not a loadable torch.export program ({why})") from None
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            module = module.to(self.device).half().to(memory_format=torch.channels_last)
+            self.dtype = torch.float16
+        else:
+            self.dtype = torch.float32
+        self.module: Any = module
+        self.image_size = image_size
+        # Padded batch sizes: powers of two up to max_batch (each compiled or captured once).
+        sizes, b = [], 1
+        while b < self.max_batch:
+            sizes.append(b)
+            b *= 2
+        self.buckets = [*sizes, self.max_batch]
+        if self.cuda and self.mode == "compile":
+            self.buckets = [self.max_batch]  # one compiled shape; smaller batches are padded
+        self._graphs: dict[int, tuple[Any, Any, Any]] = {}
+        if self.cuda and self.mode == "compile":
+            try:
+                self.module = torch.compile(module, mode="reduce-overhead", dynamic=False)
+                self._warm_up()
+            except Exception as exc:  # noqa: BLE001 - no compiler toolchain, an Inductor bug: CUDA graphs
+                from screener.logs import get_logger
+
+                get_logger(__name__).warning("torch_compile_failed", engine=self.name, error=exc.__class__.__name__)
+                self.mode, self.module = "graph", module
+                self.buckets = [*sizes, self.max_batch]
+        if self.cuda and self.mode == "graph":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile or capture every padded batch size now, at load, not on first use."""
+        if not self.image_size:
+            return
+        s = self.image_size
+        for size in self.buckets:
+            self._run_padded(self._torch.zeros(size, 3, s, s, device=self.device, dtype=self.dtype))
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _capture(self, x: Any) -> tuple[Any, Any, Any]:
+        torch = self._torch
+        static_in = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up on a side stream before capture (cuDNN picks its kernels)
+                self.module(static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.module(static_in)
+        return graph, static_in, static_out
+
+    def _run_padded(self, x: Any) -> Any:
+        """Run a device batch whose size is one of the buckets."""
+        if not self.cuda or self.mode == "eager":
+            return self.module(x)
+        if self.mode == "compile":
+            return self.module(x)
+        key = (int(x.shape[0]), tuple(x.shape[2:]))
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(x)  # type: ignore[index]
+        graph, static_in, static_out = self._graphs[key]  # type: ignore[index]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    def predict_tensor(self, x: Any) -> Any:
+        """A device tensor (N, 3, S, S) of the engine's dtype -> outputs on the device (float32)."""
+        torch = self._torch
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, int(x.shape[0]), self.max_batch):
+                chunk = x[i : i + self.max_batch]
+                n = int(chunk.shape[0])
+                size = self._bucket(n) if self.cuda else n
+                if size != n:
+                    pad = torch.zeros((size - n, *chunk.shape[1:]), device=chunk.device, dtype=chunk.dtype)
+                    chunk = torch.cat([chunk, pad])
+                if self.cuda:
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
+                out = self._run_padded(chunk)
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                outs.append(out[:n].float().clone())
+        return torch.cat(outs) if outs else torch.zeros((0,), device=self.device)
+
+    def predict_uint8(self, images: np.ndarray, mean: Any, std: Any) -> np.ndarray:
+        """uint8 (N, S, S, 3) model images -> outputs on the host, normalized on the device.
+
+        A quarter of the bytes of the float32 batch cross the bus. The normalization is
+        ``preprocessing.normalize_batch``'s float32 operations in the same order
+        ((x / 255 - mean) / std, each correctly rounded), then the cast to fp16."""
+        if len(images) == 0:
+            return np.zeros((0,), np.float32)
+        return self.predict_tensor(self.normalize_uint8(images, mean, std).to(self.dtype)).cpu().numpy()
+
+    def normalize_uint8(self, images: np.ndarray, mean: Any, std: Any) -> Any:
+        """uint8 (N, S, S, 3) on the host -> float32 (N, 3, S, S) on the device (see predict_uint8)."""
+        torch = self._torch
+        u8 = np.ascontiguousarray(images, dtype=np.uint8)
+        if u8.ndim != 4 or u8.shape[-1] != 3:
+            raise ValueError(f"expected uint8 (N, S, S, 3) images, got shape {u8.shape}")
+        t = torch.from_numpy(u8)
+        if self.cuda:
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        m = torch.tensor(np.asarray(mean, np.float32), device=t.device).view(1, 3, 1, 1)
+        sd = torch.tensor(np.asarray(std, np.float32), device=t.device).view(1, 3, 1, 1)
+        x = t.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        return ((x - m) / sd).contiguous()
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, S, S) -> float32 outputs on the host."""
+        torch = self._torch
+        x = _as_batch(batch)
+        if len(x) == 0:
+            return np.zeros((0,), np.float32)
+        t = torch.from_numpy(x)
+        if self.cuda:
+            t = t.pin_memory().to(self.device, non_blocking=True).to(self.dtype)
+        return self.predict_tensor(t).cpu().numpy()
+
+
 # --------------------------------------------------------------------------- choice and loading
 
 
@@ -202,7 +390,8 @@ def choose_backend(manifest: Manifest, requested: str = "auto") -> Backend:
     """Pick the backend to run.
 
     ``auto``: TensorRT when CUDA and torch_tensorrt are usable and the manifest kept a TensorRT
-    backend; else onnx-int8 if kept; else onnx-fp32. An explicit request for a backend the
+    backend; else ``torch`` when CUDA is usable and the manifest kept a torch program; else
+    onnx-int8 if kept; else onnx-fp32. An explicit request for a backend the
     manifest lacks, did not keep, or (TensorRT) that cannot run here raises ManifestError.
     """
     if requested not in REQUESTS:
@@ -211,6 +400,9 @@ def choose_backend(manifest: Manifest, requested: str = "auto") -> Backend:
         trt = _find(manifest, "tensorrt")
         if _usable(trt) and tensorrt_available()[0]:
             return trt  # type: ignore[return-value]
+        program = manifest.backend("torch")
+        if _usable(program) and torch_cuda_available()[0]:
+            return program  # type: ignore[return-value]
         for name in ("onnx-int8", "onnx-fp32"):
             b = manifest.backend(name)
             if _usable(b):
@@ -252,6 +444,8 @@ def open_runtime(
     name = f"{manifest.task}:{backend.name}"
     if backend.name.startswith("tensorrt"):
         return TensorRTEngine(path, max_batch=max_batch, name=name, backend=backend.name)
+    if backend.name == "torch":
+        return TorchEngine(path, max_batch=max_batch, name=name, backend=backend.name, image_size=manifest.input_size)
     if backend.name.startswith("onnx"):
         return OnnxRuntimeEngine(path, threads=threads, max_batch=max_batch, name=name, backend=backend.name)
     raise ManifestError(f"{path}: unknown backend kind {backend.name!r}")

@@ -194,3 +194,64 @@ def test_missing_file_is_rejected(copy_folder):
 def test_missing_manifest(tmp_path):
     with pytest.raises(ManifestError, match="manifest not found"):
         runtime.load_engine(tmp_path)
+
+
+# --------------------------------------------------------------------------- torch backend (CPU here)
+
+
+@pytest.fixture(scope="module")
+def torch_folder(tmp_path_factory, head):
+    folder = tmp_path_factory.mktemp("engine-torch") / "spondylosis"
+    fp32 = export.export_onnx(head, folder / "model.onnx", SIZE)
+    pt2 = export.export_torch_program(head, folder / "model.pt2", SIZE)
+    mf.write(
+        make_manifest(
+            [
+                export.backend_record("onnx-fp32", fp32, folder, "fp32"),
+                export.backend_record("torch", pt2, folder, "fp32"),
+            ]
+        ),
+        folder,
+    )
+    return folder
+
+
+def test_torch_backend_on_cpu_matches_torch(torch_folder, head):
+    eng = runtime.load_engine(torch_folder, "torch")
+    assert eng.backend.name == "torch" and isinstance(eng.runtime, runtime.TorchEngine)
+    x = images(37, seed=4)  # more than max_batch, odd size: chunks and the dynamic batch axis
+    with torch.no_grad():
+        want = head(torch.from_numpy(x)).numpy()
+    got = eng.predict(x)
+    assert got.shape == (37,) and np.allclose(got, want, atol=1e-5)
+    assert eng.predict(x[:1]).shape == (1,)
+
+
+def test_torch_program_is_hashed(torch_folder, tmp_path):
+    dst = tmp_path / "spondylosis"
+    shutil.copytree(torch_folder, dst)
+    with open(dst / "model.pt2", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ManifestError):
+        runtime.load_engine(dst, "torch")
+
+
+def test_auto_picks_torch_only_with_cuda(torch_folder, monkeypatch):
+    man = mf.load(torch_folder)
+    monkeypatch.setattr(runtime, "torch_cuda_available", lambda: (False, "no CUDA device"))
+    assert runtime.choose_backend(man, "auto").name == "onnx-fp32"
+    monkeypatch.setattr(runtime, "torch_cuda_available", lambda: (True, ""))
+    monkeypatch.setattr(runtime, "tensorrt_available", lambda: (False, "none"))
+    assert runtime.choose_backend(man, "auto").name == "torch"
+
+
+def test_torch_uint8_input_matches_host_normalization(torch_folder):
+    eng = runtime.load_engine(torch_folder, "torch").runtime
+    u8 = np.random.default_rng(5).integers(0, 256, size=(3, SIZE, SIZE, 3), dtype=np.uint8)
+    norm = Normalization((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    from screener.engine.preprocessing import normalize_batch
+
+    want = normalize_batch(u8, norm)
+    assert np.array_equal(eng.normalize_uint8(u8, norm.mean, norm.std).numpy(), want)  # bit for bit
+    assert np.allclose(eng.predict_uint8(u8, norm.mean, norm.std), eng.predict(want), atol=1e-6)

@@ -1,0 +1,95 @@
+"""The lookup-table order of the 12-to-8-bit step is exact: same pixels, same model images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+
+from screener.dicom.image import dataset_to_gray8
+from screener.engine import preprocessing as pp
+from screener.pipeline.decode import gray8_table
+from tests.pipeline.conftest import gray_image
+from tests.support.dicom_factory import make_dx, make_study_ids
+
+
+def variants():
+    study = make_study_ids()
+    g = gray_image(3, 200)
+    base = make_dx(g, study, "LL")
+    yield "window LINEAR_EXACT", base
+    ds = make_dx(g, study, "LL")
+    ds.VOILUTFunction = "LINEAR"
+    ds.WindowCenter, ds.WindowWidth = 1500, 1800
+    yield "window LINEAR narrow", ds
+    ds = make_dx(g, study, "LL")
+    ds.VOILUTFunction = "SIGMOID"
+    yield "sigmoid", ds
+    ds = make_dx(g, study, "LL", photometric="MONOCHROME1")
+    yield "MONOCHROME1", ds
+    ds = make_dx(g, study, "LL")
+    del ds.WindowCenter, ds.WindowWidth
+    ds.RescaleSlope, ds.RescaleIntercept = -2, 100
+    yield "min-max, negative slope", ds
+    ds = make_dx(g, study, "LL")
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 12]
+    item.LUTData = [int(v) for v in np.sqrt(np.arange(4096) / 4095.0) * 4095]
+    ds.VOILUTSequence = [item]
+    yield "VOI LUT", ds
+    ds = make_dx(255 - g, study, "LL")  # bright background: polarity inverted
+    yield "bright border", ds
+    ds = make_dx(g, study, "LL", bits=16)
+    yield "16-bit", ds
+
+
+RECIPES = [
+    pp.Recipe("c", crop="centre", centre_size=120, image_size=32),
+    pp.Recipe("c-big", crop="centre", centre_size=260, image_size=48, colour="gs_eq_inv"),
+    pp.Recipe("box", crop="box", image_size=40, colour="equalize"),
+    pp.Recipe("wide", crop="wide_box", image_size=40, wide_margin_x=30, wide_margin_y=60),
+    pp.Recipe("full", crop="full", image_size=64),
+]
+
+
+@pytest.mark.parametrize("name,ds", list(variants()), ids=[n for n, _ in variants()])
+def test_table_gives_dataset_to_gray8(name, ds):
+    want = dataset_to_gray8(ds)
+    raw, table = gray8_table(ds)
+    assert table is not None
+    assert np.array_equal(table[raw], want)
+    for rcp in RECIPES:
+        for mirror in (False, True):
+            box = (40.0, 30.5, 150.0, 170.0) if rcp.needs_box else None
+            got = pp.prepare_indexed(raw, table, rcp, box, mirror)
+            assert np.array_equal(got, pp.prepare(want, rcp, box, mirror)), (name, rcp.name, mirror)
+
+
+def test_uncovered_images_fall_back():
+    ds = make_dx(gray_image(1, 64), make_study_ids(), "LL")
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.ModalityLUTType = "US"
+    item.LUTData = [int(v) for v in (4095 - np.arange(4096))]
+    ds.ModalityLUTSequence = [item]
+    del ds.RescaleSlope, ds.RescaleIntercept
+    gray, table = gray8_table(ds)
+    assert table is None and np.array_equal(gray, dataset_to_gray8(ds))
+
+
+@pytest.mark.parametrize("shape", [(97, 131), (500, 500), (640, 480), (50, 40)])
+def test_one_channel_resize_equals_three(shape):
+    """prepare's shortcut for identical channels gives the 3-channel resize, bit for bit."""
+    import cv2
+
+    rng = np.random.default_rng(shape[0])
+    g = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    for size in (32, 224, 512):
+        for mirror in (False, True):
+            rcp = pp.Recipe("t", crop="centre", centre_size=max(shape), image_size=size, auto_polarity=False)
+            got = pp.prepare(g, rcp, mirror=mirror)
+            win = pp.window(shape, rcp, None)
+            img = np.dstack([pp._pad_to_window(g, win, shape, 0)] * 3)
+            img = np.ascontiguousarray(img[:, ::-1] if mirror else img)
+            interp = cv2.INTER_AREA if img.shape[0] >= size and img.shape[1] >= size else cv2.INTER_LINEAR
+            assert np.array_equal(got, cv2.resize(img, (size, size), interpolation=interp))
