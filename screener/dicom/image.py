@@ -80,7 +80,12 @@ class ImageDecodeError(Exception):
 
 
 def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    """A library exception as a reason: its type and its message scrubbed of anything that could be
+    a header value (numbers, names, quoted text), see `screener.errors.scrub_message`."""
+    from screener.errors import scrub_message
+
+    text = scrub_message(" ".join(str(exc).split()))
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= _REASON_MAX else text[: _REASON_MAX - 3] + "..."
 
 

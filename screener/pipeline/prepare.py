@@ -29,7 +29,7 @@ from screener.dicom.image import (
     read_spooled,
 )
 from screener.engine import preprocessing as pp
-from screener.errors import safe_reason, scrub_message
+from screener.errors import safe_reason
 from screener.pipeline.decode import gray8_table
 from screener.pipeline.outcome import ImageOutcome
 from screener.routing import describe, route
@@ -120,7 +120,7 @@ def read_file(
         else:
             gray = dataset_to_gray8(ds, plan.limits)
     except ImageDecodeError as exc:
-        out.failed = f"pixel data cannot be decoded: {scrub_message(exc.reason)}"
+        out.failed = f"pixel data cannot be decoded: {exc.reason}"  # our words (image._short scrubs library text)
         return out, None, [], None
     if "PixelData" in ds:
         del ds.PixelData

@@ -114,8 +114,12 @@ def test_replay_finishes_and_lists_bad_files(tiny_engine, dx_folder, tmp_path, s
 
 
 def test_memory_bomb_fails_that_image(tiny_engine, dx_folder, tmp_path):
-    """A 10 KB RLE file declaring 65535 x 65535 pixels (8 GiB) fails alone under the memory limit."""
+    """A 10 KB RLE file declaring 65535 x 65535 pixels (8 GiB) fails alone under the memory limit.
+    The header limits (screener.dicom.image.check_limits) refuse it before decoding by default;
+    here they are lifted to show the worker's memory limit is the second line of defence."""
     from pydicom.uid import RLELossless
+
+    from screener.config import LimitSettings
 
     from tests.pipeline.conftest import gray_image
     from tests.support.dicom_factory import make_dx, make_study_ids
@@ -125,7 +129,11 @@ def test_memory_bomb_fails_that_image(tiny_engine, dx_folder, tmp_path):
     ds.Rows, ds.Columns = 65535, 65535
     bomb = tmp_path / "bomb.dcm"
     ds.save_as(bomb, enforce_file_format=True)
-    with Screener(tiny_engine, RULES, pipeline=SETTINGS) as s:
+    lifted = LimitSettings(max_rows=65535, max_columns=65535, max_dataset_mb=16384)
+    with Screener(tiny_engine, RULES, pipeline=SETTINGS, limits=lifted) as s:
         outs = s.screen([dx_folder / "img0.dcm", bomb, dx_folder / "img1.dcm"])
     assert [o.state for o in outs] == ["screened", "failed", "screened"]
     assert "allocate" in outs[1].failed or "memory" in outs[1].failed
+    with Screener(tiny_engine, RULES, pipeline=SETTINGS) as s:  # default limits: refused from the header
+        outs = s.screen([bomb])
+    assert outs[0].state == "failed" and "Rows exceeds the limit" in outs[0].failed
