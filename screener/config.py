@@ -63,10 +63,23 @@ class ScheduleSettings:
     send_retries: int = 5
     send_backoff_s: float = 30.0
     retention_days: int = 30
+    # State machine (docs/state-machine.md): a study whose screening did not finish this many times
+    # (the process died or the job raised) is quarantined: failed, with the reason.
+    screen_attempts: int = 3
+    # Wait before screening a study again after an error of the node's environment (disk full).
+    screen_retry_s: float = 30.0
+    # Retention runs within 30 s of the start, then every retention_interval_s.
+    retention_interval_s: float = 3600.0
+    # Graceful stop (SIGTERM): the batch in flight gets this long; keep systemd's TimeoutStopSec above it.
+    stop_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.batch_max_size < 1:
             raise ConfigError("schedule.batch_max_size: must be at least 1")
+        if self.screen_attempts < 1:
+            raise ConfigError("schedule.screen_attempts: must be at least 1")
+        if self.stop_timeout_s <= 0 or self.retention_interval_s <= 0:
+            raise ConfigError("schedule.stop_timeout_s and schedule.retention_interval_s: must be positive")
 
 
 @dataclass(frozen=True)

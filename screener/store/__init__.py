@@ -1,7 +1,8 @@
 """Durable state: the spool folder and the SQLite database.
 
 ``schema`` holds the migrations and the typed rows, ``files`` the one atomic-file writer, ``store``
-the `Store` (its module docstring is the durability contract)."""
+the `Store` (its module docstring is the durability contract), ``crash`` the named crash points.
+The state machine: docs/state-machine.md."""
 
 from screener.store.files import atomic_write, fsync_dir
 from screener.store.schema import (
@@ -14,17 +15,21 @@ from screener.store.schema import (
     SCHEMA_VERSION,
     SPOOL_NAME,
     STUDY_STATES,
+    SR_STATES,
     EventRow,
     Failure,
+    InstanceResult,
     InstanceRow,
     OutboxRow,
     ResultRow,
+    SRInfo,
+    SRRow,
     StoreError,
     StoreOutcome,
     StudyRow,
     is_valid_uid,
 )
-from screener.store.store import Store
+from screener.store.store import Picked, RecoveryStats, RetentionStats, Store
 
 __all__ = [
     "Store",
@@ -48,4 +53,11 @@ __all__ = [
     "EventRow",
     "Failure",
     "StoreOutcome",
+    "SR_STATES",
+    "SRRow",
+    "SRInfo",
+    "InstanceResult",
+    "Picked",
+    "RetentionStats",
+    "RecoveryStats",
 ]
