@@ -51,19 +51,25 @@ _ENV_ERRNOS = {28, 122}  # ENOSPC, EDQUOT
 Sender = Callable[..., tuple[bool, str]]
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parent) + "/"
+
+
 def exc_fields(exc: BaseException) -> dict[str, Any]:
     """Log fields for a job failure: the exception type, its message when it cannot carry patient data
-    (the node's own exceptions, SQLite and OS errors), and the traceback as ``file:line in function``
-    frames. A library's message (pydicom, highdicom, ...) is left out: it can quote a header value."""
+    (raised by the node's own code, or a SQLite or OS error), and the traceback as
+    ``file:line in function`` frames. The message of an exception raised inside a library (pydicom,
+    highdicom, ...) is left out: it can quote a header value."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    own = bool(tb) and str(Path(tb[-1].filename).resolve()).startswith(_PACKAGE_DIR)
     if isinstance(exc, sqlite3.Error):
         message = str(exc)
     elif isinstance(exc, OSError):
         message = exc.strerror or ""
-    elif type(exc).__module__.startswith("screener"):
+    elif own:
         message = str(exc)
     else:
-        message = ""
-    frames = [f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in traceback.extract_tb(exc.__traceback__)]
+        message = "(not logged: raised inside a library)"
+    frames = [f"{f.filename}:{f.lineno} in {f.name}" for f in tb]
     return {"error_type": type(exc).__name__, "error": message, "traceback": frames}
 
 
@@ -149,12 +155,18 @@ def build_study_sr(
     )
 
 
+def retention_first_delay(sched: Any) -> float:
+    """Retention's first run after a start: soon (30 s), so that a node restarted more often than
+    ``retention_interval_s`` still purges."""
+    return min(30.0, float(sched.retention_interval_s))
+
+
 class Node:
     """Wires the store, listener, engines and job threads together.
 
     `screener` and `sender` can be replaced (tests drive the jobs with fakes): the screener needs
     ``screen(paths) -> list[ImageOutcome]``, the sender has `screener.dicom.sender.send_file`'s
-    signature."""
+    signature; `clock` and `monotonic` are the store's (wall clock, node clock source)."""
 
     def __init__(
         self,
@@ -164,6 +176,8 @@ class Node:
         *,
         screener: Any = None,
         sender: Sender | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         from screener.dicom.sr import derive_uid
 
@@ -172,7 +186,7 @@ class Node:
         if base is not None and not self.var.is_absolute():
             self.var = base / self.var
         self.engines = dict(engines) if engines is not None else load_engines(settings, base)
-        self.store = Store.open(self.var)
+        self.store = Store.open(self.var, clock=clock, monotonic=monotonic)
         if not self.store.owner:
             self.store.close()
             raise UserError(f"{self.var}: another screener node is already using this folder")
@@ -208,7 +222,7 @@ class Node:
         loops = [
             ("screen", self.tick, tick, 0.0),
             ("send", self.send_job, min(1.0, sched.send_backoff_s), 0.0),
-            ("retention", self.apply_retention, sched.retention_interval_s, min(30.0, sched.retention_interval_s)),
+            ("retention", self.apply_retention, sched.retention_interval_s, retention_first_delay(sched)),
         ]
         for name, fn, interval, first in loops:
             t = threading.Thread(target=self._loop, args=(fn, interval, first), name=f"job-{name}", daemon=True)
@@ -332,7 +346,7 @@ class Node:
             log.error("job_failed", job="screen", study_uid=pick.study_uid, **exc_fields(exc2))
 
     def _finish(self, pick: Picked, outcomes: list[ImageOutcome]) -> None:
-        from screener.dicom.sr import SRReference, sr_to_bytes
+        from screener.dicom.sr import SRReference
 
         results: list[InstanceResult] = []
         screened: list[ImageOutcome] = []
@@ -366,9 +380,7 @@ class Node:
         number = pick.sr_count + 1
         refs = [SRReference(s.study_uid, s.series_uid, s.sop_class_uid, s.sop_instance_uid) for s in pick.predecessors]
         try:
-            sr = build_study_sr(screened, self.engines, self.device_uid, predecessors=refs, instance_number=number)
-            data = sr_to_bytes(sr)
-            info = SRInfo(str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPClassUID), number, "")
+            info, data = self.build_sr(screened, refs, number)
         except Exception as exc:  # noqa: BLE001 - any failure to build the SR is terminal, with a reason
             reason = f"SR could not be built ({type(exc).__name__})"
             log.error("sr_failed", study_uid=uid, **exc_fields(exc))
@@ -393,6 +405,14 @@ class Node:
             predecessors=len(refs),
             findings=sum(len(r.results) for r in results),
         )
+
+    def build_sr(self, screened: list[ImageOutcome], predecessors: list[Any], number: int) -> tuple[SRInfo, bytes]:
+        """The SR of one study (path left empty) and its Part 10 bytes."""
+        from screener.dicom.sr import sr_to_bytes
+
+        sr = build_study_sr(screened, self.engines, self.device_uid, predecessors=predecessors, instance_number=number)
+        data = sr_to_bytes(sr)
+        return SRInfo(str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPClassUID), number, ""), data
 
     # ------------------------------------------------------------------ send job
     def send_job(self) -> None:

@@ -29,6 +29,7 @@ POINTS: tuple[str, ...] = (
     "store.after_instance_commit",  # row committed, C-STORE response not yet sent
     "store.after_recovery_files",  # recovery removed stray files, database not yet repaired
     "store.after_recovery_commit",  # recovery committed
+    "store.after_retention_commit",  # retention deleted rows / marked SRs deleted, files not yet removed
     # node: completion and screening
     "node.after_complete",  # receiving -> complete committed
     "node.after_pick",  # complete -> screening committed (attempt counted)
@@ -40,8 +41,6 @@ POINTS: tuple[str, ...] = (
     "node.after_cstore",  # C-STORE of the SR answered success, not recorded
     "node.after_folder_copy",  # SR copied into sr_folder, not recorded
     "node.after_mark_sent",  # delivery recorded
-    # node: retention
-    "node.after_retention_commit",  # rows deleted / SR marked deleted, files not yet removed
 )
 
 _lock = threading.Lock()

@@ -186,6 +186,8 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+# Schema 1 as the first release created it (tests build old databases with it).
+MIGRATIONS_V1_FOR_TESTS: list[str] = list(MIGRATIONS[0])
 
 
 # ---------------------------------------------------------------------------------------------

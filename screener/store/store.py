@@ -1323,7 +1323,8 @@ class Store:
                 self._event(c, wall, "sr", r["study_uid"], "deleted", f"id={r['id']} superseded SR file deleted")
                 paths.append(r["path"])
                 n_sr += 1
-        crash.point("node.after_retention_commit")
+        if paths:
+            crash.point("store.after_retention_commit")
         self._unlink_all(paths)
         for uid in studies:
             log.info("study_state", study_uid=uid, state="purged")
