@@ -236,12 +236,16 @@ class Node:
             destinations=self.destinations,
         )
 
-    def _loop(self, fn: Callable[[], Any], interval: float, first_delay: float) -> None:
+    def _loop(self, fn: Callable[[], bool], interval: float, first_delay: float) -> None:
+        """Run a job every `interval`; after a failed pass (it logged why) wait longer, doubling up to
+        30 s, so that a full disk or a broken database does not flood the log."""
         if self._stopping.wait(first_delay):
             return
+        failures = 0
         while not self._stopping.is_set():
-            fn()
-            self._stopping.wait(interval)
+            failures = 0 if fn() else failures + 1
+            wait = interval if not failures else min(30.0, max(interval, 0.5) * 2 ** min(failures - 1, 6))
+            self._stopping.wait(wait)
 
     @property
     def port(self) -> int:
@@ -280,9 +284,9 @@ class Node:
             pass
 
     # ------------------------------------------------------------------ screen job
-    def tick(self) -> None:
+    def tick(self) -> bool:
         """One pass of the screen job: release what no job holds, complete quiet studies, screen
-        batches until none is left (or the node stops)."""
+        batches until none is left (or the node stops). False when the pass failed (logged)."""
         try:
             with self._screen_lock:
                 self.store.release_stale_screening(self._in_flight)
@@ -293,6 +297,8 @@ class Node:
                     break
         except Exception as exc:  # noqa: BLE001 - a job must never die; the next pass retries
             log.error("job_failed", job="screen", **exc_fields(exc))
+            return False
+        return True
 
     def screen_batch(self) -> int:
         """Pick complete studies (up to batch_max_size images), screen them, finish each study.
@@ -415,11 +421,13 @@ class Node:
         return SRInfo(str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPClassUID), number, ""), data
 
     # ------------------------------------------------------------------ send job
-    def send_job(self) -> None:
+    def send_job(self) -> bool:
         try:
             self.send_due()
         except Exception as exc:  # noqa: BLE001
             log.error("job_failed", job="send", **exc_fields(exc))
+            return False
+        return True
 
     def send_due(self) -> int:
         """Deliver due outbox rows (module doc); returns the number delivered."""
@@ -479,8 +487,10 @@ class Node:
         return True, ""
 
     # ------------------------------------------------------------------ retention job
-    def apply_retention(self) -> None:
+    def apply_retention(self) -> bool:
         try:
             self.store.retention(self.settings.schedule.retention_days)
         except Exception as exc:  # noqa: BLE001
             log.error("job_failed", job="retention", **exc_fields(exc))
+            return False
+        return True

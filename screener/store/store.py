@@ -713,6 +713,9 @@ class Store:
         `complete`; return them. `now` is a node-clock value (default: `node_time()`)."""
         nt = self._nt(now)
         wall = self._now()
+        probe = "SELECT 1 FROM studies WHERE state = 'receiving' AND last_received_nt <= ? LIMIT 1"
+        if not self._query(probe, (nt - stable_s,)):
+            return []
         with self._tx() as c:
             uids = [
                 r[0]
@@ -749,6 +752,8 @@ class Store:
         wall = self._now()
         picked: list[Picked] = []
         changes: list[tuple[str, str, str]] = []
+        if not self._query("SELECT 1 FROM studies WHERE state = 'complete' AND not_before_nt <= ? LIMIT 1", (nt,)):
+            return []
         with self._tx() as c:
             rows = c.execute(
                 "SELECT study_uid, screen_attempts, sr_count FROM studies WHERE state = 'complete'"
@@ -851,6 +856,8 @@ class Store:
         could not even record its failure (database full) strands nothing until the next start."""
         keep = set(in_flight)
         wall = self._now()
+        if not any(r[0] not in keep for r in self._query("SELECT study_uid FROM studies WHERE state = 'screening'")):
+            return []  # nothing to do: no write (a full disk cannot take one)
         with self._tx() as c:
             uids = [
                 r[0]
