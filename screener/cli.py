@@ -146,7 +146,8 @@ def cmd_resend(settings: config.Settings, uids: list[str]) -> int:
     try:
         # One transaction per study: the current SR's failed deliveries again, a superseded SR's never,
         # a study that failed before its SR back to screening (docs/state-machine.md).
-        n = sum(store.resend(uid) for uid in (uids or [None]))
+        targets: list[str | None] = list(uids) or [None]
+        n = sum(store.resend(uid) for uid in targets)
     finally:
         store.close()
     print(f"re-queued {n} item(s); a running node picks them up on its next pass")

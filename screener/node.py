@@ -118,6 +118,8 @@ def findings_for(outcomes: list[ImageOutcome], engines: Mapping[str, LoadedEngin
             if r.engine not in infos:
                 infos[r.engine] = EngineInfo.from_manifest(engines[r.engine].manifest, r.backend)
             lat = out.route.laterality if (out.route and r.roi is not None and out.route.laterality) else None
+            if out.header is None:
+                raise ValueError("a screened image has no header")
             findings.append(
                 Finding(
                     source=out.header,
@@ -396,8 +398,8 @@ class Node:
         info = SRInfo(info.sop_instance_uid, info.series_uid, info.sop_class_uid, number, rel)
         atomic_write(self.store.abs_path(rel), data)
         crash.point("node.after_sr_file")
-        state = self.store.finish_study(uid, results, info, self.destinations)
-        if state is None:
+        outcome = self.store.finish_study(uid, results, info, self.destinations)
+        if outcome is None:
             # Reopened by a new instance while screening: this SR is already out of date.
             self.store.abs_path(rel).unlink(missing_ok=True)
             log.info("sr_superseded", study_uid=uid, sr_uid=info.sop_instance_uid, reason="new instance")

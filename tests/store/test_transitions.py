@@ -284,3 +284,18 @@ def test_schema_1_database_is_migrated_and_repaired(tmp_path):
         assert s.ensure_outbox([DEST]) == 1  # the missing delivery row
         assert s.check_invariants() == []
         assert s.get_sr(s.get_study(STUDY2).sr_id).sop_instance_uid == "9.9.2"
+
+
+def test_batch_takes_several_studies_up_to_the_limit(tmp_path):
+    clock = Clock()
+    with open_store(tmp_path / "v", clock) as s:
+        studies = [STUDY, STUDY2, STUDY + ".3"]
+        for study in studies:
+            for _ in range(2):
+                put(s, generate_uid(), study_uid=study)
+            clock.t += 1
+        for study in studies:
+            s.force_complete(study)
+        picks = s.pick_for_screening(5, 3)
+        assert [p.study_uid for p in picks] == studies[:2]  # oldest first, 4 images <= 5
+        assert [p.study_uid for p in s.pick_for_screening(1, 3)] == [studies[2]]  # a bigger study alone
