@@ -58,6 +58,7 @@ def engines_dir(built):
     return built[1].parent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", crash.POINTS)
 def test_crash_at_point_then_recover(point, tmp_path, built, engines_dir):
     gray = small_gray(built[0].data)

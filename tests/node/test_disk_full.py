@@ -48,6 +48,7 @@ def fill(path: Path) -> Path:
     return ballast
 
 
+@pytest.mark.slow
 def test_disk_full_then_space_returns(small_fs, built):
     engines_dir = built[1].parent
     gray = small_gray(built[0].data)

@@ -13,6 +13,8 @@ import random
 import threading
 import time
 
+import pytest
+
 from tests.node.state_helpers import (
     Modality,
     NodeProcess,
@@ -31,6 +33,7 @@ KILLS = int(os.environ.get("SCREENER_SOAK_KILLS", "6"))
 SEED = int(os.environ.get("SCREENER_SOAK_SEED", "9"))
 
 
+@pytest.mark.slow
 def test_kill9_soak(tmp_path, built):
     rng = random.Random(SEED)
     engines_dir = built[1].parent
