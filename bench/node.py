@@ -76,7 +76,12 @@ def engines_only_seconds(engines: dict, grays: list[np.ndarray], batch: int, use
             boxes = [box_from_output(row, g.shape, r.preprocessing) for row, g in zip(out, grays)]
         x = np.stack(
             [
-                pp.preprocess(g, m.preprocessing, m.normalization, boxes[i] if m.preprocessing.needs_box else None)
+                pp.preprocess(
+                    g,
+                    m.preprocessing,
+                    m.normalization,
+                    boxes[i] if m.preprocessing.needs_box and boxes is not None else None,
+                )
                 for i, g in enumerate(grays)
             ]
         )

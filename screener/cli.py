@@ -53,6 +53,14 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("complete", help="screen a study now instead of waiting for study_stable_s")
     _add_config(c)
     c.add_argument("study_uid", nargs="+")
+    d = sub.add_parser("demo", help="send a synthetic study (lateral + two obliques) to the running node")
+    _add_config(d)
+    d.add_argument("--host", help="the node's address (default: 127.0.0.1)")
+    d.add_argument("--port", type=int, help="the node's DICOM port (default: node.port)")
+    d.add_argument("--calling-aet", default="DEMO", help="our AE title (default DEMO)")
+    d.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the result (default 120)")
+    cc = sub.add_parser("check-config", help="validate config.toml (and folders, TLS files) without starting")
+    _add_config(cc)
     return p
 
 
@@ -71,9 +79,25 @@ def load_settings(args: argparse.Namespace) -> config.Settings:
     )
 
 
+def cmd_check_config(settings: config.Settings, path: Path | None) -> int:
+    config.check_environment(settings)
+    node, tls = settings.node, settings.tls
+    listeners = [] if (tls.listen and not tls.plain_listener) else [f"plain on port {node.port}"]
+    if tls.listen:
+        listeners.append(f"TLS on port {tls.port}")
+    print(f"{path or 'defaults'}: OK")
+    print(f"  node {node.ae_title}: {', '.join(listeners)}; var {node.var_dir}")
+    print(f"  engines: {', '.join(settings.engines.enabled) or 'none'}; routing rules: {len(settings.routing)}")
+    print(f"  destinations: {', '.join(str(d) for d in settings.destinations) or 'none'}")
+    return 0
+
+
 def cmd_serve(settings: config.Settings) -> int:
     from screener.node import Node
+    from screener.privacy import make_tree_private
 
+    config.check_environment(settings)
+    make_tree_private(Path(settings.node.var_dir))
     node = Node(settings)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -84,6 +108,8 @@ def cmd_serve(settings: config.Settings) -> int:
         node.store.close()
         raise UserError(f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror or exc}") from None
     print(f"screener: {settings.node.ae_title} listening on port {node.port}; Ctrl-C to stop", file=sys.stderr)
+    if node.http is not None:
+        print(f"screener: status page {node.http.url} (health: /healthz /readyz, metrics: /metrics)", file=sys.stderr)
     try:
         node.wait(stop)
     finally:
@@ -211,9 +237,16 @@ def cmd_complete(settings: config.Settings, uids: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("serve", "replay"):
+        from screener.privacy import apply_private_umask
+
+        apply_private_umask()  # spool, database (+ WAL/SHM), SRs and audit files: 0600 / 0700
     try:
         settings = load_settings(args)
         logs.configure(settings.logging.renderer, settings.logging.level)
+        if args.command == "check-config":
+            path = args.config or (Path("config.toml") if Path("config.toml").is_file() else None)
+            return cmd_check_config(settings, path)
         if args.command == "serve":
             return cmd_serve(settings)
         if args.command == "status":
@@ -224,6 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_replay(settings, args)
         if args.command == "complete":
             return cmd_complete(settings, args.study_uid)
+        if args.command == "demo":
+            from screener.http import demo
+
+            logs.configure(settings.logging.renderer, "warning")  # its own lines, not the store's state log
+            demo.run(settings, args.host, args.port, args.calling_aet, args.wait, config_path=args.config)
+            return 0
     except UserError as exc:
         print(f"screener: error: {exc}", file=sys.stderr)
         return 2

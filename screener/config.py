@@ -8,6 +8,9 @@ Command-line overrides are applied with `with_overrides`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import tomllib
 import types
 import typing
@@ -16,6 +19,49 @@ from pathlib import Path
 from typing import Any
 
 from screener.errors import ConfigError
+
+
+class _Invalid(ConfigError):
+    """A value out of its range, raised from a section's __post_init__. `_build` re-prefixes it with
+    the key path as written in the file (``destinations[2].port``); built directly, `section` is used."""
+
+    def __init__(self, section: str, key: str, message: str) -> None:
+        super().__init__(f"{section}.{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def ae_title_problem(value: str) -> str:
+    """Why `value` is not a valid DICOM AE title (PS3.5 VR AE), or '' when it is: 1 to 16 characters
+    of the default repertoire (printable ASCII), no backslash, no control characters, not all spaces."""
+    if not value.strip(" "):
+        return "must not be empty or all spaces"
+    if len(value) > 16:
+        return f"{len(value)} characters, at most 16 are allowed"
+    if any(not (0x20 <= ord(ch) <= 0x7E) for ch in value):
+        return "only printable ASCII characters are allowed (no control or non-ASCII characters)"
+    if "\\" in value:
+        return "a backslash is not allowed"
+    return ""
+
+
+def _check_aet(section: str, key: str, value: str) -> None:
+    problem = ae_title_problem(value)
+    if problem:
+        raise _Invalid(section, key, f"{value!r} is not a valid AE title: {problem}")
+
+
+def _check_number(
+    section: str, key: str, value: float, *, minimum: float, above: bool = False, maximum: float | None = None
+) -> None:
+    """`value` must be finite and >= minimum (> minimum when `above`), and <= maximum if given."""
+    if not math.isfinite(value):
+        raise _Invalid(section, key, f"{value} is not a finite number")
+    low_ok = value > minimum if above else value >= minimum
+    if not low_ok:
+        raise _Invalid(section, key, f"{value} must be {'greater than' if above else 'at least'} {minimum:g}")
+    if maximum is not None and value > maximum:
+        raise _Invalid(section, key, f"{value} must be at most {maximum:g}")
 
 
 @dataclass(frozen=True)
@@ -46,13 +92,23 @@ class NodeSettings:
     dimse_timeout_s: float = 30.0
     network_timeout_s: float = 60.0
 
+    # Concurrent connections from one source address (protects the other peers' slots); a value
+    # above max_associations means max_associations.
+    max_associations_per_address: int = 5
+
     def __post_init__(self) -> None:
-        if not 1 <= len(self.ae_title) <= 16:
-            raise ConfigError("node.ae_title: must be 1 to 16 characters")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"node.port: {self.port} is not a TCP port")
-        if self.max_associations < 1:
-            raise ConfigError("node.max_associations: must be at least 1")
+        _check_aet("node", "ae_title", self.ae_title)
+        # 0: an OS-assigned free port (tests); a service uses a fixed one.
+        _check_number("node", "port", self.port, minimum=0, maximum=65535)
+        _check_number("node", "max_associations", self.max_associations, minimum=1)
+        _check_number("node", "max_associations_per_address", self.max_associations_per_address, minimum=1)
+        for i, aet in enumerate(self.allowed_calling_aets):
+            _check_aet("node", f"allowed_calling_aets[{i}]", aet)
+        if not self.var_dir.strip():
+            raise _Invalid("node", "var_dir", "must not be empty")
+        _check_number("node", "min_free_mb", self.min_free_mb, minimum=0)
+        for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+            _check_number("node", key, getattr(self, key), minimum=0, above=True, maximum=86400)
 
 
 @dataclass(frozen=True)
@@ -74,12 +130,16 @@ class ScheduleSettings:
     stop_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.batch_max_size < 1:
-            raise ConfigError("schedule.batch_max_size: must be at least 1")
-        if self.screen_attempts < 1:
-            raise ConfigError("schedule.screen_attempts: must be at least 1")
-        if self.stop_timeout_s <= 0 or self.retention_interval_s <= 0:
-            raise ConfigError("schedule.stop_timeout_s and schedule.retention_interval_s: must be positive")
+        _check_number("schedule", "study_stable_s", self.study_stable_s, minimum=0, maximum=7 * 86400)
+        _check_number("schedule", "batch_max_size", self.batch_max_size, minimum=1)
+        _check_number("schedule", "batch_interval_s", self.batch_interval_s, minimum=0, above=True, maximum=86400)
+        _check_number("schedule", "send_retries", self.send_retries, minimum=0)
+        _check_number("schedule", "send_backoff_s", self.send_backoff_s, minimum=0, above=True, maximum=86400)
+        _check_number("schedule", "retention_days", self.retention_days, minimum=0)
+        _check_number("schedule", "screen_attempts", self.screen_attempts, minimum=1)
+        _check_number("schedule", "screen_retry_s", self.screen_retry_s, minimum=0, maximum=86400)
+        _check_number("schedule", "retention_interval_s", self.retention_interval_s, minimum=0, above=True)
+        _check_number("schedule", "stop_timeout_s", self.stop_timeout_s, minimum=0, above=True, maximum=86400)
 
 
 @dataclass(frozen=True)
@@ -98,6 +158,66 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    # DICOM TLS to this destination (uses the [tls] certificate, key and CA files).
+    tls: bool = False
+
+    def __post_init__(self) -> None:
+        _check_aet("destinations", "ae_title", self.ae_title)
+        if not self.host.strip() or any(ch.isspace() or ch in "@/?" for ch in self.host):
+            raise _Invalid("destinations", "host", f"{self.host!r} is not a host name or address")
+        _check_number("destinations", "port", self.port, minimum=1, maximum=65535)
+
+    def __str__(self) -> str:
+        """The ``AET@HOST:PORT[?tls]`` form (command line, outbox)."""
+        return f"{self.ae_title}@{self.host}:{self.port}{'?tls' if self.tls else ''}"
+
+
+@dataclass(frozen=True)
+class TlsPeer:
+    """A TLS client allowed to call as `ae_title`: its certificate must have this subject common name
+    and/or this SHA-256 fingerprint (hex, colons optional). Both given: both must match."""
+
+    ae_title: str
+    subject_cn: str = ""
+    fingerprint_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        _check_aet("tls.peers", "ae_title", self.ae_title)
+        if not self.subject_cn and not self.fingerprint_sha256:
+            raise _Invalid("tls.peers", "subject_cn", "give subject_cn and/or fingerprint_sha256")
+        fp = self.fingerprint_sha256.replace(":", "").lower()
+        if fp and (len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp)):
+            raise _Invalid("tls.peers", "fingerprint_sha256", "expected 64 hex digits (colons optional)")
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS (PS3.15 BCP 195: TLS 1.2 or later, ECDHE with AES-GCM or ChaCha20 only).
+
+    The same certificate, key and CA files serve the TLS listener and TLS destinations."""
+
+    certificate: str = ""  # PEM: our certificate (then any intermediates)
+    private_key: str = ""  # PEM: its private key (unencrypted; file mode 0600, owned by the service user)
+    ca_file: str = ""  # PEM: the CA certificate(s) that sign our peers' certificates
+    listen: bool = False  # run a TLS listener on `port`
+    port: int = 2762  # IANA "dicom-tls"
+    plain_listener: bool = True  # keep the plain listener on node.port as well
+    require_client_certificate: bool = True  # mutual authentication on the TLS listener
+    verify_hostname: bool = True  # a destination's certificate must name the host we connect to
+    # Empty: any client with a certificate signed by ca_file (and an allowed calling AE). Otherwise a
+    # TLS caller must present the certificate listed for its calling AE title.
+    peers: list[TlsPeer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_number("tls", "port", self.port, minimum=0, maximum=65535)
+        if self.listen and not (self.certificate and self.private_key):
+            raise _Invalid("tls", "certificate", "the TLS listener needs tls.certificate and tls.private_key")
+        if self.listen and self.require_client_certificate and not self.ca_file:
+            raise _Invalid("tls", "ca_file", "require_client_certificate needs the CA file that signs the peers")
+        if self.peers and not (self.listen and self.require_client_certificate):
+            raise _Invalid("tls", "peers", "needs listen = true and require_client_certificate = true")
+        if bool(self.certificate) != bool(self.private_key):
+            raise _Invalid("tls", "private_key", "give both tls.certificate and tls.private_key, or neither")
 
 
 @dataclass(frozen=True)
@@ -113,6 +233,67 @@ class RoutingRule:
     series_description_contains: list[str] = field(default_factory=list)
     mirror: bool = False
 
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise _Invalid("routing", "name", "must not be empty")
+        if not self.engines:
+            raise _Invalid("routing", "engines", "name at least one engine")
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    # Optional objects for viewers that cannot render SR, per screened image, in addition to the SR:
+    # none | secondary-capture (burned-in box and text) | gsps (a presentation state that draws them).
+    companion: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.companion not in ("none", "secondary-capture", "gsps"):
+            raise ConfigError(f"report.companion: expected none|secondary-capture|gsps, got {self.companion!r}")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The node's HTTP side (screener.http): health checks, Prometheus metrics, the status page.
+
+    Actions that change state (resend, complete) need credentials: a bearer token and/or HTTP basic
+    auth, each given as a hash (``python -m screener.http.auth``) or as a file holding the secret
+    (mode 0600). With none configured the page is read-only."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token_hash: str = ""
+    token_file: str = ""
+    basic_user: str = ""
+    basic_password_hash: str = ""
+    basic_password_file: str = ""
+    # Patient name, ID and birth date on the study page, for an authenticated user only.
+    show_patient_data: bool = False
+    echo_interval_s: float = 60.0
+    echo_timeout_s: float = 5.0
+    # /readyz fails while a destination does not answer C-ECHO (set false behind a load balancer
+    # shared by several nodes that send to the same PACS).
+    ready_requires_destinations: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"http.port: {self.port} is not a TCP port")
+        if self.echo_interval_s <= 0 or self.echo_timeout_s <= 0:
+            raise ConfigError("http.echo_interval_s and http.echo_timeout_s: must be positive")
+        if bool(self.basic_user) != bool(self.basic_password_hash or self.basic_password_file):
+            raise ConfigError("http.basic_user: give both a user and basic_password_hash or basic_password_file")
+        if self.basic_password_hash and self.basic_password_file:
+            raise ConfigError("http.basic_password_hash and http.basic_password_file: give one, not both")
+        if self.token_hash and self.token_file:
+            raise ConfigError("http.token_hash and http.token_file: give one, not both")
+        for key in ("token_hash", "basic_password_hash"):
+            value = getattr(self, key)
+            if value and not re.fullmatch(r"pbkdf2_sha256\$[0-9]+\$[0-9a-f]+\$[0-9a-f]{64}", value):
+                raise ConfigError(
+                    f"http.{key}: expected pbkdf2_sha256$<iterations>$<salt>$<hash> "
+                    "(make one with `python -m screener.http.auth`)"
+                )
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -123,6 +304,9 @@ class Settings:
     destinations: list[Destination] = field(default_factory=list)
     routing: list[RoutingRule] = field(default_factory=list)
     sr_folder: str = ""
+    report: ReportSettings = field(default_factory=ReportSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
 
 def _type_name(tp: Any) -> str:
@@ -172,19 +356,83 @@ def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"{full}: unknown setting (known: {', '.join(sorted(names))})")
         kwargs[key] = _convert(value, hints[key], full)
+        if isinstance(kwargs[key], str) and "\x00" in kwargs[key]:
+            raise ConfigError(f"{full}: contains a NUL character")
     missing = [
         f.name
         for f in dataclasses.fields(cls)
-        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ConfigError(f"{prefix or 'config'}: missing required setting(s) {', '.join(missing)}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except _Invalid as exc:
+        raise ConfigError(f"{prefix}.{exc.key}: {exc.message}" if prefix else str(exc)) from None
 
 
 def parse(data: dict[str, Any]) -> Settings:
-    """Build settings from an already-parsed TOML document."""
-    return _build(Settings, data)
+    """Build settings from an already-parsed TOML document, with the checks across sections."""
+    settings: Settings = _build(Settings, data)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    """Checks that span sections (each section checks its own values when it is built)."""
+    enabled = set(settings.engines.enabled)
+    for i, rule in enumerate(settings.routing):
+        for name in rule.engines:
+            if name not in enabled:
+                raise ConfigError(
+                    f"routing[{i}].engines: engine {name!r} (rule {rule.name!r}) is not in engines.enabled "
+                    f"({', '.join(sorted(enabled)) or 'none'})"
+                )
+    tls_dests = [i for i, d in enumerate(settings.destinations) if d.tls]
+    if tls_dests and not settings.tls.ca_file:
+        raise ConfigError(f"destinations[{tls_dests[0]}].tls: needs tls.ca_file (the CA that signs its certificate)")
+    if settings.tls.listen and settings.tls.plain_listener and settings.tls.port == settings.node.port != 0:
+        raise ConfigError(f"tls.port: {settings.tls.port} is also node.port; the two listeners need two ports")
+
+
+def _folder_problem(path: Path) -> str:
+    """Why the node could not create or write the folder `path`, or '' (no side effects)."""
+    if path.exists():
+        if not path.is_dir():
+            return "exists and is not a folder"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return "is not writable by this user"
+        return ""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable by this user"
+    return ""
+
+
+def check_environment(settings: Settings) -> None:
+    """What `screener serve` needs from the file system: var and SR folders creatable and writable,
+    TLS files readable and usable. Raises ConfigError naming the key."""
+    for key, value in (("node.var_dir", settings.node.var_dir), ("sr_folder", settings.sr_folder)):
+        if value:
+            problem = _folder_problem(Path(value))
+            if problem:
+                raise ConfigError(f"{key}: {value}: {problem}")
+    tls = settings.tls
+    for key in ("certificate", "private_key", "ca_file"):
+        value = getattr(tls, key)
+        if value and not os.access(value, os.R_OK):
+            raise ConfigError(f"tls.{key}: {value}: {'not readable' if Path(value).exists() else 'no such file'}")
+    if tls.listen or any(d.tls for d in settings.destinations):
+        from screener.dicom.tls import client_context, server_context
+
+        if tls.listen:
+            server_context(tls)
+        if any(d.tls for d in settings.destinations):
+            client_context(tls)
 
 
 def load(path: str | Path | None) -> Settings:
@@ -207,16 +455,20 @@ def load(path: str | Path | None) -> Settings:
 
 
 def parse_destination(text: str) -> Destination:
-    """Parse ``AET@HOST:PORT`` (the --destination command-line form)."""
+    """Parse ``AET@HOST:PORT`` or ``AET@HOST:PORT?tls`` (the --destination command-line form)."""
+    body, tls = (text[: -len("?tls")], True) if text.endswith("?tls") else (text, False)
     try:
-        aet, rest = text.split("@", 1)
+        aet, rest = body.split("@", 1)
         host, port = rest.rsplit(":", 1)
-        dest = Destination(ae_title=aet, host=host, port=int(port))
+        port_number = int(port)
     except ValueError:
-        raise ConfigError(f"--destination {text!r}: expected AET@HOST:PORT") from None
+        raise ConfigError(f"--destination {text!r}: expected AET@HOST:PORT or AET@HOST:PORT?tls") from None
     if not aet or not host:
-        raise ConfigError(f"--destination {text!r}: expected AET@HOST:PORT")
-    return dest
+        raise ConfigError(f"--destination {text!r}: expected AET@HOST:PORT or AET@HOST:PORT?tls")
+    try:
+        return Destination(ae_title=aet, host=host, port=port_number, tls=tls)
+    except _Invalid as exc:
+        raise ConfigError(f"--destination {text!r}: {exc.key}: {exc.message}") from None
 
 
 def with_overrides(settings: Settings, **overrides: Any) -> Settings:

@@ -31,9 +31,9 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from screener import __version__
+from screener import __version__, metrics
 from screener.config import Settings
 from screener.engine.runtime import LoadedEngine, load_engine
 from screener.errors import ManifestError, UserError
@@ -41,6 +41,9 @@ from screener.logs import get_logger
 from screener.screening import ImageOutcome, Screener
 from screener.store import InstanceResult, OutboxRow, Picked, SRInfo, Store, crash
 from screener.store.files import atomic_write
+
+if TYPE_CHECKING:
+    from screener.http import HttpServer
 
 log = get_logger(__name__)
 
@@ -203,12 +206,13 @@ class Node:
             sender = send_file
         self.sender: Sender = sender
         self.device_uid = derive_uid("cspine-screener device", settings.node.ae_title)
-        self.destinations = [f"{d.ae_title}@{d.host}:{d.port}" for d in settings.destinations]
+        self.destinations = [str(d) for d in settings.destinations]
         if settings.sr_folder:
             self.destinations.append(FOLDER_PREFIX + str(Path(settings.sr_folder).resolve()))
         self.listener: Any = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.http: HttpServer | None = None  # while running
         self._screen_lock = threading.Lock()
         self._in_flight: set[str] = set()
         self.store.ensure_outbox(self.destinations)
@@ -219,6 +223,16 @@ class Node:
 
         self.listener = Listener(self.settings, self.store)
         self.listener.start()
+        if self.settings.http.enabled:
+            from screener.http import HttpServer
+
+            try:
+                self.http = HttpServer.start(self)
+            except BaseException:
+                if self.listener is not None:
+                    self.listener.stop()
+                self.listener = None
+                raise
         sched = self.settings.schedule
         tick = max(0.05, min(sched.batch_interval_s, sched.study_stable_s / 4))
         loops = [
@@ -254,6 +268,11 @@ class Node:
         return self.listener.port if self.listener else self.settings.node.port
 
     @property
+    def running(self) -> bool:
+        """True while the job threads run (GET /healthz)."""
+        return bool(self._threads) and not self._stopping.is_set() and all(t.is_alive() for t in self._threads)
+
+    @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
@@ -267,6 +286,9 @@ class Node:
         if self.listener is not None:
             self.listener.stop()  # first: no new association, open ones aborted (unacknowledged: resent)
             self.listener = None
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
         self._stopping.set()
         busy = []
         for t in self._threads:
@@ -299,6 +321,7 @@ class Node:
                     break
         except Exception as exc:  # noqa: BLE001 - a job must never die; the next pass retries
             log.error("job_failed", job="screen", **exc_fields(exc))
+            metrics.job_failed("complete-and-screen")
             return False
         return True
 
@@ -314,16 +337,20 @@ class Node:
             try:
                 crash.point("node.after_pick")
                 paths = [self.store.abs_path(i.path) for p in picks for i in p.instances]
+                t0 = time.perf_counter()
                 try:
                     outcomes = self.screener.screen(paths)
                     if len(outcomes) != len(paths):
                         raise RuntimeError(f"screener returned {len(outcomes)} outcomes for {len(paths)} images")
                 except Exception as exc:  # noqa: BLE001
                     log.error("job_failed", job="screen", studies=[p.study_uid for p in picks], **exc_fields(exc))
+                    metrics.job_failed("screening")
                     for p in picks:
                         self._release(p, exc, "screening failed")
                     return len(picks)
                 crash.point("node.after_screen")
+                metrics.batch_screened(len(paths), time.perf_counter() - t0)
+                metrics.results_recorded(outcomes)
                 k = 0
                 for p in picks:
                     mine = outcomes[k : k + len(p.instances)]
@@ -383,7 +410,8 @@ class Node:
         uid = pick.study_uid
         if not screened:
             reasons = sorted({r.reason for r in results if r.reason}) or ["nothing to screen"]
-            self.store.finish_study(uid, results, None, [], reason="; ".join(reasons)[:500])
+            if self.store.finish_study(uid, results, None, [], reason="; ".join(reasons)[:500]):
+                metrics.study_finished("skipped")
             return
         number = pick.sr_count + 1
         refs = [SRReference(s.study_uid, s.series_uid, s.sop_class_uid, s.sop_instance_uid) for s in pick.predecessors]
@@ -392,19 +420,23 @@ class Node:
         except Exception as exc:  # noqa: BLE001 - any failure to build the SR is terminal, with a reason
             reason = f"SR could not be built ({type(exc).__name__})"
             log.error("sr_failed", study_uid=uid, **exc_fields(exc))
-            self.store.finish_study(uid, results, None, [], reason=reason, failed=True)
+            if self.store.finish_study(uid, results, None, [], reason=reason, failed=True):
+                metrics.study_finished("failed")
             return
         rel = self.store.sr_rel_path(uid, info.sop_instance_uid)
         info = SRInfo(info.sop_instance_uid, info.series_uid, info.sop_class_uid, number, rel)
         atomic_write(self.store.abs_path(rel), data)
+        extras = self._write_companions(screened, data, Path(rel).parent)  # [report] companion; none by default
         crash.point("node.after_sr_file")
-        outcome = self.store.finish_study(uid, results, info, self.destinations)
+        outcome = self.store.finish_study(uid, results, info, self.destinations, extra_paths=extras)
         if outcome is None:
             # Reopened by a new instance while screening: this SR is already out of date.
-            self.store.abs_path(rel).unlink(missing_ok=True)
+            for path in (rel, *extras):
+                self.store.abs_path(path).unlink(missing_ok=True)
             log.info("sr_superseded", study_uid=uid, sr_uid=info.sop_instance_uid, reason="new instance")
             return
         crash.point("node.after_finish")
+        metrics.study_finished("reported", max((i.received_at for i in pick.instances), default=None))
         log.info(
             "sr_written",
             study_uid=uid,
@@ -413,6 +445,34 @@ class Node:
             predecessors=len(refs),
             findings=sum(len(r.results) for r in results),
         )
+
+    def _write_companions(self, screened: list[ImageOutcome], sr_data: bytes, folder: Path) -> list[str]:
+        """Secondary Capture / GSPS companions of the SR (``report.companion``), written next to it and
+        delivered after it (same SR id in the outbox); relative paths. One that cannot be built is
+        left out (logged): the SR is the result."""
+        kind = self.settings.report.companion
+        if kind == "none":
+            return []
+        import io
+
+        import pydicom
+
+        from screener.dicom.companion import companion_files
+
+        try:
+            sr = pydicom.dcmread(io.BytesIO(sr_data))
+            sources = {o.sop_instance_uid: o.path for o in screened if o.results}
+            files = companion_files(
+                kind, findings_for(screened, self.engines), sr, sources, software_version=__version__
+            )
+        except Exception as exc:  # noqa: BLE001
+            log.error("companion_not_built", **exc_fields(exc))
+            return []
+        out = []
+        for name, blob in files:
+            atomic_write(self.store.abs_path(folder / name), blob)
+            out.append((folder / name).as_posix())
+        return out
 
     def build_sr(self, screened: list[ImageOutcome], predecessors: list[Any], number: int) -> tuple[SRInfo, bytes]:
         """The SR of one study (path left empty) and its Part 10 bytes."""
@@ -428,6 +488,7 @@ class Node:
             self.send_due()
         except Exception as exc:  # noqa: BLE001
             log.error("job_failed", job="send", **exc_fields(exc))
+            metrics.job_failed("send")
             return False
         return True
 
@@ -467,10 +528,13 @@ class Node:
                 row.destination,
                 self.settings.node.ae_title,
                 timeout_s=self.settings.node.network_timeout_s,
+                tls=self.settings.tls,
+                known=self.settings.destinations,
             )
         except Exception as exc:  # noqa: BLE001
             log.error("job_failed", job="send", outbox_id=row.id, **exc_fields(exc))
             ok, error = False, f"send error ({type(exc).__name__})"
+        metrics.send_attempt(row.destination, ok)
         if ok:
             crash.point("node.after_cstore")
         return ok, error
@@ -494,5 +558,6 @@ class Node:
             self.store.retention(self.settings.schedule.retention_days)
         except Exception as exc:  # noqa: BLE001
             log.error("job_failed", job="retention", **exc_fields(exc))
+            metrics.job_failed("retention")
             return False
         return True

@@ -33,8 +33,11 @@ import pydicom
 
 from screener import __version__
 from screener.engine.runtime import LoadedEngine
+from screener.errors import safe_reason
 from screener.logs import get_logger
+from screener.privacy import make_tree_private
 from screener.screening import ImageOutcome, ReadBatch, Screener
+from screener.store.files import make_private_dir
 
 log = get_logger(__name__)
 
@@ -146,7 +149,8 @@ def replay(
     progress: bool = True,
 ) -> ReplaySummary:
     folder, out = Path(folder), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_private_dir(out)  # the audit holds patient data (SR copies): 0700 / 0600 whatever the umask
+    make_tree_private(out)
     progress_file = out / "audit.jsonl"
     done = _load_progress(progress_file)
     files = list_files(folder)
@@ -201,6 +205,7 @@ def replay(
         )
         + "\n"
     )
+    make_tree_private(out)
     log.info(
         "replay_done",
         files=summary.files,
@@ -256,7 +261,7 @@ def write_srs(
         try:
             sr = build_sr(findings, software_version=__version__, device_uid=derive_uid("cspine-screener replay"))
         except ValueError as exc:
-            log.warning("sr_not_built", study_uid=study_uid, reason=str(exc))
+            log.warning("sr_not_built", study_uid=study_uid, reason=safe_reason(exc, "SR not built"))
             continue
         (out / "sr" / f"{study_uid}.dcm").write_bytes(sr_to_bytes(sr))
         written += 1

@@ -25,6 +25,7 @@ from screener.config import RoutingRule
 from screener.dicom.image import SCREENED_SOP_CLASSES, ImageDecodeError, dataset_to_gray8, header_attributes
 from screener.engine import preprocessing as pp
 from screener.engine.runtime import LoadedEngine
+from screener.errors import safe_reason, scrub_message
 from screener.logs import get_logger
 from screener.routing import Route, describe, route
 
@@ -120,7 +121,7 @@ class Screener:
         try:
             gray = dataset_to_gray8(ds)
         except ImageDecodeError as exc:
-            out.failed = f"pixel data cannot be decoded: {exc.reason}"
+            out.failed = f"pixel data cannot be decoded: {scrub_message(exc.reason)}"
             return out, None, []
         if "PixelData" in ds:
             del ds.PixelData
@@ -184,7 +185,7 @@ class Screener:
             try:
                 tensors.append(pp.preprocess(pe.gray, rcp, norm, box, mirror=mirror))
             except ValueError as exc:
-                pe.outcome.failed = f"{name}: preprocessing failed ({exc})"
+                pe.outcome.failed = safe_reason(exc, f"{name}: preprocessing failed")
                 continue
             used.append((pe, box))
         if not tensors:

@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from trainer.csxa import KEYPOINT_LABELS  # noqa: E402
+from trainer.data.csxa import KEYPOINT_LABELS  # noqa: E402
 
 HEADER = [
     "Number",
@@ -27,7 +27,7 @@ def write_sheet(path: Path, rows, header=HEADER, super_header=True):
     ws = wb.active
     ws.title = "Sheet1"
     if super_header:
-        ws.append(["CSXA measurements"])
+        ws.append([super_header if isinstance(super_header, str) else "CSXA measurements"])
     ws.append(header)
     for r in rows:
         ws.append(list(r))
@@ -111,7 +111,7 @@ def all_engines(built, tmp_path_factory):
     import shutil
 
     from trainer.build import BuildOptions, build_engine
-    from trainer.synth_oblique import synthesize_oblique
+    from trainer.synth import synthesize_oblique
 
     root = tmp_path_factory.mktemp("all-engines")
     engines = root / "engines"
@@ -149,3 +149,14 @@ def all_engines(built, tmp_path_factory):
         )
     )
     return {"dir": engines, "oblique": oblique, "roi": roi, "stenosis": stenosis}
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging_config():
+    """A test that starts a node configures structlog (level, renderer) for the whole process; give the
+    next test the configuration it started with, so log-capturing tests do not depend on test order."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

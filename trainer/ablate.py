@@ -20,7 +20,7 @@ from screener.engine import preprocessing as pp
 from screener.errors import UserError
 from trainer.augment import PRESETS
 from trainer.build import TASKS, load_prepared
-from trainer.data import PreparedDataset
+from trainer.data.prepare import PreparedDataset
 from trainer.model import build_classifier, pick_device
 from trainer.splits import SplitSpec
 from trainer.train import TrainConfig, predict_proba, train

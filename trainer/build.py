@@ -1,40 +1,40 @@
 """`trainer build-engine`: data -> split -> train -> evaluate -> export -> manifest.
 
-The engine is assembled in ``<out>/.<task>.building`` and swapped into
-``<out>/<task>`` only when complete, so a failed build never replaces a working
-engine. Training checkpoints live in ``<out>/.work/<task>`` so an interrupted
-build resumes where it stopped.
+The classifier builds (spondylosis, stenosis) are here; ``--task roi`` goes to
+`trainer.roi.build`. Both take one `BuildOptions` and share the steps around their
+training loops (`trainer.steps`, `trainer.checkpoints`): the engine is assembled in
+``<out>/.<task>.building`` and swapped into ``<out>/<task>`` only when complete, so a
+failed build never replaces a working engine; training checkpoints live in
+``<out>/.work/<task>`` so an interrupted build resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-import screener
 from screener.engine import manifest as mf
 from screener.engine import metrics, report
 from screener.engine import preprocessing as pp
 from screener.errors import UserError
 from screener.logs import get_logger
-from trainer import csxa, export
+from trainer import steps
 from trainer.augment import PRESETS
-from trainer.data import PreparedDataset, fingerprint, prepare_samples
+from trainer.data import csxa
+from trainer.data.prepare import PreparedDataset, fingerprint, prepare_samples
 from trainer.model import ProbabilityHead, build_classifier, pick_device
+from trainer.options import BuildOptions
 from trainer.splits import SplitSpec, split_counts, split_groups
-from trainer.train import TrainConfig, checkpoint_dir, predict_proba, train
+from trainer.train import TrainConfig, predict_proba, train
 
 log = get_logger(__name__)
 
-INT8_TOLERANCE = 0.01  # keep int8 only if its test AUROC is within this of fp32
+__all__ = ["TASKS", "BuildOptions", "PreparedData", "build_engine", "load_prepared", "load_samples"]
 
 
 @dataclass(frozen=True)
@@ -54,35 +54,6 @@ TASKS: dict[str, TaskDefaults] = {
     "spondylosis": TaskDefaults("original", ("healthy", "spondylosis"), "adam", 3e-4, 5, 0.5, 16),
     "stenosis": TaskDefaults("roi_he", ("normal", "stenosis"), "sgd", 1e-3, 7, 0.1, 4),
 }
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    task: str
-    data: Path
-    out: Path
-    recipe: str = ""  # "" = the task's default
-    image_size: int = 0  # 0 = the recipe's default
-    epochs: int = 30
-    batch_size: int = 0  # 0 = the task's default
-    extra_data: tuple[Path, ...] = ()  # roi: more data roots (lateral and oblique)
-    roi_engine: Path | None = None  # stenosis: boxes for unannotated images
-    optimizer: str = ""  # "" = the task's (study's) default: adam | sgd
-    lr: float = 0.0  # 0 = the task's default
-    pretrained: Path | None = None
-    checkpoint: Path | None = None
-    backend: str = "onnx"  # onnx | tensorrt | all
-    split_seed: int = 20241122
-    target_sensitivity: float = 0.95
-    augment: str = "study"
-    balance: str = "weights"
-    patience: int = 8
-    validated_by: str = ""
-    version: str = ""
-    demo: bool = False
-    progress: bool = True
-    n_boot: int = 2000
-    stn: bool = False
 
 
 @dataclass
@@ -106,7 +77,7 @@ def load_samples(task: str, data: Path, rcp: pp.Recipe, roi_engine: Path | None 
     otherwise they are skipped and counted."""
     if task != "stenosis":
         return csxa.load(data, need_keypoints=rcp.needs_box)
-    from trainer.oblique import load_oblique
+    from trainer.data.oblique import load_oblique
 
     samples, report = load_oblique(data)
     if not rcp.needs_box:
@@ -115,7 +86,7 @@ def load_samples(task: str, data: Path, rcp: pp.Recipe, roi_engine: Path | None 
     if unannotated and roi_engine is not None:
         from screener.engine.roi import predict_boxes
         from screener.engine.runtime import load_engine
-        from trainer.data import read_gray8
+        from trainer.data.prepare import read_gray8
 
         engine = load_engine(roi_engine, "onnx-fp32")
         boxes = {}
@@ -166,11 +137,10 @@ def load_prepared(
     return PreparedData(kept, images, labels, splits, load_report, fingerprint(kept, Path(data)))
 
 
-def _work_dir(opts: BuildOptions, rcp: pp.Recipe, fp: str, cfg: TrainConfig) -> Path:
-    """Checkpoint folder; cleared when data, recipe or training settings differ from last time."""
-    work = opts.out / ".work" / opts.task
+def _meta(opts: BuildOptions, rcp: pp.Recipe, fp: str, cfg: TrainConfig) -> dict[str, Any]:
+    """What the checkpoints depend on: a change starts training afresh (more epochs or patience resume)."""
     train_cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("epochs", "patience")}  # extendable
-    meta = {
+    return {
         "fingerprint": fp,
         "recipe": rcp.to_dict(),
         "train": train_cfg,
@@ -179,7 +149,6 @@ def _work_dir(opts: BuildOptions, rcp: pp.Recipe, fp: str, cfg: TrainConfig) -> 
         "augment": opts.augment,
         "split_seed": opts.split_seed,
     }
-    return checkpoint_dir(work, meta)
 
 
 def build_engine(opts: BuildOptions) -> Path:
@@ -188,13 +157,8 @@ def build_engine(opts: BuildOptions) -> Path:
         from trainer.roi import build_roi_engine
 
         return build_roi_engine(opts)
-    if opts.task not in TASKS:
-        raise UserError(f"--task {opts.task}: expected spondylosis, stenosis or roi")
+    opts.check(tuple(PRESETS))
     defaults = TASKS[opts.task]
-    if opts.backend not in ("onnx", "tensorrt", "all"):
-        raise UserError(f"--backend {opts.backend}: expected onnx, tensorrt or all")
-    if opts.augment not in PRESETS:
-        raise UserError(f"--augment {opts.augment}: expected one of {', '.join(PRESETS)}")
     t_start = time.perf_counter()
     try:
         rcp = pp.recipe(opts.recipe or defaults.recipe, opts.image_size or None)
@@ -234,19 +198,10 @@ def build_engine(opts: BuildOptions) -> Path:
         "architecture": "torchvision resnet50, 2-class head",
     }
     if opts.checkpoint:
-        if not opts.checkpoint.is_file():
-            raise UserError(f"--checkpoint {opts.checkpoint}: file not found")
-        try:
-            state = torch.load(opts.checkpoint, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(
-                f"--checkpoint {opts.checkpoint}: not a checkpoint of this model ({exc.__class__.__name__})"
-            ) from None
-        training["checkpoint"] = {"file": opts.checkpoint.name, "sha256": mf.sha256_file(opts.checkpoint)}
+        training["checkpoint"] = steps.load_weights(model, opts.checkpoint, "this model")
         model.to(device)
     else:
-        work = _work_dir(opts, rcp, data.fingerprint, cfg)
+        work = steps.work_dir(opts, _meta(opts, rcp, data.fingerprint, cfg))
         result = train(model, train_ds, val_ds, cfg, work, device, progress=opts.progress)
         training["result"] = dataclasses.asdict(result)
 
@@ -264,16 +219,20 @@ def build_engine(opts: BuildOptions) -> Path:
     )
     thr = evaluation.threshold
 
-    building = opts.out / f".{opts.task}.building"
-    if building.exists():
-        shutil.rmtree(building)
-    building.mkdir(parents=True)
+    building = steps.start_building(opts)
     head = ProbabilityHead(model.to("cpu").eval())
-    backends, backend_metrics = _export_backends(
-        head, building, rcp, opts, train_x, test_x, test_y, norm, evaluation.test.auroc
+    gate = steps.Gate("auroc", "AUROC", lambda outputs: metrics.roc_auc(test_y, outputs), record_score=True)
+    backends, backend_metrics = steps.export_and_gate(
+        head,
+        building,
+        rcp.image_size,
+        opts.backend,
+        gate,
+        _tensors(test_x, norm, rcp),
+        _tensors(train_x[steps.calibration_indices(len(train_x))], norm, rcp),
+        evaluation.test.auroc,
     )
-    created = datetime.now(UTC).replace(microsecond=0).isoformat()
-    version = opts.version or f"{created[:10].replace('-', '.')}+{data.fingerprint[:8]}"
+    created, version = steps.new_version(opts, data.fingerprint)
     counts = split_counts(list(data.splits), list(data.labels))
     extra = {
         "task": opts.task,
@@ -296,21 +255,15 @@ def build_engine(opts: BuildOptions) -> Path:
         p_test=p_test,
         title=f"{opts.task} engine {version}: evaluation on the held-out test split",
     )
-    notes = []
-    if pre_info.source == "random-init":
-        notes.append("trained from random initialisation (no --pretrained weights)")
-    if opts.demo:
-        notes.append("demo engine built from synthetic data: not for clinical use")
-    manifest = mf.Manifest(
-        task=opts.task,
-        version=version,
-        created=created,
+    return steps.finish(
+        opts,
+        building,
         kind="classifier",
-        input_size=rcp.image_size,
-        input_name="image",
-        output_name="probability",
-        preprocessing=rcp,
+        created=created,
+        version=version,
+        recipe=rcp,
         normalization=norm,
+        output_name="probability",
         class_names=list(defaults.class_names),
         threshold=mf.Threshold(
             value=float(thr.threshold),
@@ -341,82 +294,14 @@ def build_engine(opts: BuildOptions) -> Path:
         },
         training=training,
         backends=backends,
-        validated=bool(opts.validated_by),
-        validated_by=opts.validated_by,
-        demo=opts.demo,
-        software_version=screener.__version__,
-        notes=notes,
+        notes=steps.base_notes(opts, pre_info.source),
+        t_start=t_start,
+        summary={"test_auroc": evaluation.test.auroc},
     )
-    final = mf.install(manifest, building, opts.out)
-    log.info(
-        "engine_built",
-        task=opts.task,
-        version=version,
-        folder=str(final),
-        test_auroc=evaluation.test.auroc,
-        seconds=round(time.perf_counter() - t_start, 1),
-    )
-    return final
 
 
-def _export_backends(
-    head: torch.nn.Module,
-    folder: Path,
-    rcp: pp.Recipe,
-    opts: BuildOptions,
-    train_x: np.ndarray,
-    test_x: np.ndarray,
-    test_y: np.ndarray,
-    norm: pp.Normalization,
-    torch_auroc: float | None,
-) -> tuple[list[mf.Backend], dict[str, Any]]:
-    """ONNX fp32 + int8 (and TensorRT when asked and possible), each checked against torch."""
-
-    def tensors(x: np.ndarray) -> np.ndarray:
-        return (
-            np.stack([pp.normalize(img, norm) for img in x])
-            if len(x)
-            else np.zeros((0, 3, rcp.image_size, rcp.image_size), np.float32)
-        )
-
-    test_t = tensors(test_x)
-    probe = test_t[: min(16, len(test_t))]
-    backends: list[mf.Backend] = []
-    info: dict[str, Any] = {"torch_test_auroc": torch_auroc}
-    if opts.backend in ("onnx", "all"):
-        fp32 = export.export_onnx(head, folder / "model.onnx", rcp.image_size)
-        diff = export.compare_with_torch(head, fp32, probe)
-        p32 = export.onnx_predict(fp32, test_t)
-        auc32 = metrics.roc_auc(test_y, p32)
-        backends.append(
-            export.backend_record("onnx-fp32", fp32, folder, "fp32", max_abs_diff_vs_torch=diff, test_auroc=auc32)
-        )
-        calib = tensors(train_x[np.random.default_rng(0).permutation(len(train_x))[:64]])
-        int8 = export.quantize_int8(fp32, folder / "model.int8.onnx", calib)
-        diff8 = export.compare_with_torch(head, int8, probe)
-        auc8 = metrics.roc_auc(test_y, export.onnx_predict(int8, test_t))
-        keep = bool(np.isfinite(auc8) and np.isfinite(auc32) and auc8 >= auc32 - INT8_TOLERANCE)
-        note = (
-            f"kept: test AUROC {auc8:.4f} within {INT8_TOLERANCE} of fp32 {auc32:.4f}"
-            if keep
-            else f"not kept: test AUROC {auc8:.4f} more than {INT8_TOLERANCE} below fp32 {auc32:.4f}"
-        )
-        backends.append(
-            export.backend_record(
-                "onnx-int8", int8, folder, "int8", kept=keep, max_abs_diff_vs_torch=diff8, test_auroc=auc8, note=note
-            )
-        )
-        info.update(
-            {
-                "onnx_fp32_test_auroc": auc32,
-                "onnx_fp32_max_abs_diff": diff,
-                "onnx_int8_test_auroc": auc8,
-                "onnx_int8_max_abs_diff": diff8,
-                "onnx_int8_kept": keep,
-            }
-        )
-        log.info("onnx_exported", max_abs_diff=diff, int8_auroc=auc8, fp32_auroc=auc32, int8_kept=keep)
-    trt = export.tensorrt_backend(head, folder, rcp.image_size, opts.backend, info)
-    if trt is not None:
-        backends.append(trt)
-    return backends, info
+def _tensors(x: np.ndarray, norm: pp.Normalization, rcp: pp.Recipe) -> np.ndarray:
+    """Prepared uint8 images -> normalized model inputs (N, 3, S, S)."""
+    if not len(x):
+        return np.zeros((0, 3, rcp.image_size, rcp.image_size), np.float32)
+    return np.stack([pp.normalize(img, norm) for img in x])

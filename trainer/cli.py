@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from screener import logs
 from screener.errors import UserError
+
+# What `pip install 'cspine-screener[trainer]'` adds to the node's install; imported lazily by the commands.
+EXTRA_MODULES = ("torch", "torchvision", "onnx", "openpyxl", "matplotlib")
+INSTALL_HINT = "pip install 'cspine-screener[trainer]'"
+
+
+def missing_extra() -> list[str]:
+    """The trainer extra's modules that cannot be found (nothing is imported)."""
+    return [name for name in EXTRA_MODULES if importlib.util.find_spec(name) is None]
+
+
+def _extra_message(missing: Sequence[str]) -> str:
+    return (
+        f"trainer: error: the trainer needs the 'trainer' extra, which this install lacks "
+        f"(missing: {', '.join(missing)}). Install it with: {INSTALL_HINT}"
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -133,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "synth":
         try:
             if args.task == "stenosis":
-                from trainer.synth_oblique import synthesize_oblique
+                from trainer.synth import synthesize_oblique
 
                 res = synthesize_oblique(
                     args.out,
@@ -220,12 +237,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    missing = missing_extra()
+    if missing:
+        print(_extra_message(missing), file=sys.stderr)
+        return 2
     args = parser().parse_args(argv)
     logs.configure(renderer=args.log, level="info")
     try:
         return run(args)
     except UserError as exc:
         print(f"trainer: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # ModuleNotFoundError too: an extra module found but not importable
+        root = (exc.name or "").split(".")[0]
+        if root not in EXTRA_MODULES:
+            raise
+        print(_extra_message([root]), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("trainer: interrupted (a build resumes from its last checkpoint)", file=sys.stderr)

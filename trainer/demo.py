@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from screener import config, logs
 from screener.errors import UserError
@@ -28,8 +29,7 @@ def missing_engines(settings: config.Settings, engines_dir: Path) -> list[str]:
 
 
 def _data(work: Path, kind: str) -> Path:
-    from trainer.synth import synthesize
-    from trainer.synth_oblique import synthesize_oblique
+    from trainer.synth import synthesize, synthesize_oblique
 
     data = work / f"demo-{kind}"
     if not (data / "datasets.xlsx").is_file():
@@ -50,7 +50,7 @@ def build_demo(engines_dir: Path, names: Sequence[str], work: Path) -> None:
     for name in [n for n in ORDER if n in names]:
         size = DEMO[name]
         print(f"demo: building the {name} demo engine (small, synthetic, not validated)", file=sys.stderr)
-        common = dict(
+        common: dict[str, Any] = dict(
             out=engines_dir,
             image_size=size["image_size"],
             epochs=size["epochs"],

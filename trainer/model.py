@@ -69,10 +69,11 @@ class SpatialTransformer(nn.Module):
             nn.ReLU(True),
             nn.AdaptiveAvgPool2d(4),
         )
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(10 * 16, 32), nn.ReLU(True), nn.Linear(32, 6))
-        nn.init.zeros_(self.fc[-1].weight)
+        hidden, theta = nn.Linear(10 * 16, 32), nn.Linear(32, 6)
+        nn.init.zeros_(theta.weight)
         with torch.no_grad():
-            self.fc[-1].bias.copy_(torch.tensor([1, 0, 0, 0, 1, 0], dtype=torch.float32))
+            theta.bias.copy_(torch.tensor([1, 0, 0, 0, 1, 0], dtype=torch.float32))
+        self.fc = nn.Sequential(nn.Flatten(), hidden, nn.ReLU(True), theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         theta = self.fc(self.localization(x)).view(-1, 2, 3)

@@ -3,10 +3,7 @@ early stopping on validation AUROC, best checkpoint kept, resumable."""
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,15 +13,15 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
-from tqdm import tqdm
 
 from screener.engine.metrics import roc_auc
 from screener.logs import get_logger
-from trainer.data import PreparedDataset
+from trainer.checkpoints import Checkpoints, RunState
+from trainer.data.prepare import PreparedDataset
+from trainer.progress import bar as progress_bar
+from trainer.progress import write as progress_write
 
 log = get_logger(__name__)
-# Progress bars redraw often on a terminal, rarely when stderr goes to a file (CI logs).
-_TQDM_INTERVAL = 0.5 if sys.stderr.isatty() else 30.0
 
 
 @dataclass(frozen=True)
@@ -56,24 +53,6 @@ class TrainResult:
     device: str = "cpu"
 
 
-def checkpoint_dir(work: Path, meta: dict[str, Any]) -> Path:
-    """The checkpoint folder of a build, with `meta` (data fingerprint, recipe, settings) in
-    ``meta.json``. A folder whose meta differs is cleared, so a resume never mixes runs."""
-    meta = json.loads(json.dumps(meta))  # as it reads back from the file (tuples become lists)
-    meta_file = work / "meta.json"
-    if meta_file.is_file():
-        try:
-            same = json.loads(meta_file.read_text()) == meta
-        except json.JSONDecodeError:
-            same = False
-        if not same:
-            log.info("checkpoints_reset", reason="data or settings changed", dir=str(work))
-            shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    meta_file.write_text(json.dumps(meta, indent=2))
-    return work
-
-
 # A run may be resumed with more epochs or another patience; anything else starts afresh.
 _EXTENDABLE = ("epochs", "patience")
 
@@ -99,9 +78,7 @@ def predict_proba(
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out: list[np.ndarray] = []
-    for x, _ in tqdm(
-        loader, desc="predict", unit="batch", disable=not progress, leave=False, mininterval=_TQDM_INTERVAL
-    ):
+    for x, _ in progress_bar(loader, "predict", "batch", progress):
         logits = model(x.to(device))
         out.append(torch.softmax(logits.float(), dim=1)[:, -1].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -128,7 +105,6 @@ def train(
     Files in `work_dir`: ``last.pt`` (everything needed to resume) and ``best.pt``
     (model weights of the best validation AUROC). A run that finds ``last.pt`` resumes.
     """
-    work_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model.to(device)
     opt = _optimizer(model, cfg)
@@ -140,30 +116,16 @@ def train(
     if cfg.balance == "oversample":
         per_item = class_weights(labels).numpy()[labels]
         sampler = WeightedRandomSampler(
-            torch.tensor(per_item, dtype=torch.double), len(labels), generator=torch.Generator().manual_seed(cfg.seed)
+            [float(w) for w in per_item], len(labels), generator=torch.Generator().manual_seed(cfg.seed)
         )
 
-    start_epoch, best_auc, best_epoch, history, bad_epochs = 0, -math.inf, -1, [], 0
-    last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
-    if resume and last_path.is_file():
-        state = torch.load(last_path, map_location=device, weights_only=False)
-        if _resumable(state.get("config", {}), cfg.to_dict()):
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start_epoch, best_auc, best_epoch = state["epoch"] + 1, state["best_auc"], state["best_epoch"]
-            history, bad_epochs = state["history"], state["bad_epochs"]
-            if state["config"].get("epochs") != cfg.epochs:
-                bad_epochs = 0  # extended run: give the new epochs a fair chance
-            log.info("training_resumed", epoch=start_epoch, best_val_auroc=best_auc)
-        else:
-            log.warning("checkpoint_ignored", reason="training configuration changed", file=str(last_path))
+    ckpt = Checkpoints(work_dir, best_key="best_auc", score_name="val_auroc")
+    run = ckpt.resume(model, opt, sched, cfg.to_dict(), device, _resumable) if resume else RunState()
 
     t0 = time.perf_counter()
     stopped = False
-    epoch = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        if bad_epochs >= cfg.patience:
+    for epoch in range(run.next_epoch, cfg.epochs):
+        if run.bad_epochs >= cfg.patience:
             stopped = True
             break
         model.train()
@@ -179,14 +141,7 @@ def train(
             drop_last=len(train_ds) > cfg.batch_size,
         )
         total, n = 0.0, 0
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            unit="batch",
-            disable=not progress,
-            leave=False,
-            mininterval=_TQDM_INTERVAL,
-        )
+        bar = progress_bar(loader, f"epoch {epoch + 1}/{cfg.epochs}", "batch", progress)
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
@@ -206,41 +161,19 @@ def train(
             "val_auroc": val_auc,
             "lr": opt.param_groups[0]["lr"],
         }
-        history.append(row)
-        improved = val_auc > best_auc
-        if improved:
-            best_auc, best_epoch, bad_epochs = val_auc, epoch + 1, 0
-            torch.save(model.state_dict(), best_path)
-        else:
-            bad_epochs += 1
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": epoch,
-                "best_auc": best_auc,
-                "best_epoch": best_epoch,
-                "history": history,
-                "bad_epochs": bad_epochs,
-                "config": cfg.to_dict(),
-            },
-            last_path,
-        )
+        improved = run.record(epoch, row, val_auc)
+        ckpt.save(model, opt, sched, run, cfg.to_dict(), improved)
         msg = f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, val AUROC {val_auc:.4f}"
         if progress:
-            tqdm.write(msg + (" (best)" if improved else ""))
+            progress_write(msg + (" (best)" if improved else ""))
         log.info("epoch_done", **row, best=improved)
-    else:
-        stopped = False
-    if best_path.is_file():
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+    ckpt.restore_best(model, device)
     return TrainResult(
-        best_epoch,
-        float(best_auc if best_auc > -math.inf else float("nan")),
-        len(history),
+        run.best_epoch,
+        run.best_or_nan,
+        len(run.history),
         stopped,
-        history,
+        run.history,
         time.perf_counter() - t0,
         str(device),
     )

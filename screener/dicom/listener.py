@@ -16,15 +16,33 @@ ValueError for the refused class inside a mixed association. The ``association_a
 lists the refused SOP classes. That is the standard way to refuse a SOP class and keeps
 auto-forwarding PACS rules from queueing retries of images this node will never screen.
 
+Connections (`GuardedServer`, one per listening port, sharing one `ConnectionGuard`)
+------------------------------------------------------------------------------------
+Checked when the TCP connection is accepted, before it gets a thread or a slot; a refused
+connection is closed at once and logged (``connection_refused``) with its address and reason:
+  * source address not in ``node.allowed_addresses`` (IP addresses or CIDR networks; empty = any);
+  * already ``node.max_associations_per_address`` connections open from that address;
+  * already ``node.max_associations`` connections open in all.
+An accepted connection must complete the TLS handshake (TLS listener) and association negotiation
+within ``node.acse_timeout_s`` of being accepted, and every PDU must arrive whole within
+``node.network_timeout_s`` of its first byte (plus its length at 2 Mbit/s, for a large P-DATA
+PDU); otherwise the connection is closed and logged
+(``connection_timeout`` / ``tls_refused``, with the address). Ten silent or half-open
+connections therefore hold at most their own address's slots, for at most ``acse_timeout_s``.
+
 Access control, checked in an EVT_REQUESTED handler before negotiation, each refusal logged with
 the peer address and AE titles (never patient data) and answered with A-ASSOCIATE-RJ
 (rejected-permanent, service-user):
-  * source address not in ``node.allowed_addresses`` (IP addresses or CIDR networks; empty = any)
-    -> diagnostic 1 "no reason given";
+  * source address not in ``node.allowed_addresses`` -> diagnostic 1 (also refused at accept);
   * calling AE title not in ``node.allowed_calling_aets`` (empty = any) -> diagnostic 3;
+  * on the TLS listener with ``tls.peers`` set: the client certificate is not the one listed for
+    the calling AE title -> diagnostic 3;
   * called AE title not ours -> diagnostic 7 (``require_called_aet`` is also set on the AE).
-pynetdicom itself rejects (rejected-transient, local limit exceeded) beyond
-``node.max_associations``.
+
+DICOM TLS: with ``tls.listen`` a second listener on ``tls.port`` (BCP 195 profile, see
+`screener.dicom.tls`) runs beside the plain one on ``node.port`` (``tls.plain_listener = false``
+leaves only the TLS one). The TLS handshake runs in the connection's own thread, never in the
+accept loop.
 
 C-STORE statuses
 ----------------
@@ -59,7 +77,11 @@ and files, so a malformed one is refused rather than sanitised.
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
+import socketserver
 import sqlite3
+import ssl
 import threading
 import time
 import zlib
@@ -72,7 +94,9 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from screener import metrics
 from screener.config import Settings
 from screener.dicom.image import SCREENED_SOP_CLASSES
 from screener.errors import ConfigError
@@ -176,6 +200,261 @@ def address_allowed(address: str, networks: list[ipaddress.IPv4Network | ipaddre
     return any(ip.version == net.version and ip in net for net in networks)
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConnectionGuard:
+    """Slots for open connections: total and per source address, taken at accept, given back when
+    the connection's thread ends. Thread-safe; shared by the plain and the TLS listener."""
+
+    def __init__(self, networks: list[Network], max_total: int, max_per_address: int) -> None:
+        self.networks = networks
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+        self.decisions = 0  # connections admitted or refused so far (for tests and metrics)
+
+    def admit(self, address: str) -> str:
+        """Take a slot for `address`; '' when admitted, else the reason for the refusal."""
+        with self._lock:
+            self.decisions += 1
+            if not address_allowed(address, self.networks):
+                return "source address not allowed"
+            if self._open.get(address, 0) >= self.max_per_address:
+                return "too many connections from this address"
+            if sum(self._open.values()) >= self.max_total:
+                return "association limit reached"
+            self._open[address] = self._open.get(address, 0) + 1
+        return ""
+
+    def release(self, address: str) -> None:
+        with self._lock:
+            n = self._open.get(address, 0) - 1
+            if n > 0:
+                self._open[address] = n
+            else:
+                self._open.pop(address, None)
+
+    def open_connections(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._open)
+
+
+# A PDU body may be large (we announce no maximum PDU length, so a sender may put a whole image in
+# one P-DATA-TF): its deadline grows with its announced length at this minimum rate (2 Mbit/s).
+MIN_PDU_RATE_BYTES_S = 256 * 1024
+
+
+def _deadline_recv(sock: Any, seconds: float, idle_timeout: float | None) -> Callable[[int], Any]:
+    """A replacement for AssociationSocket.recv: the whole read (one PDU header, or one PDU body)
+    must arrive within `seconds` (plus its length at `MIN_PDU_RATE_BYTES_S`), however slowly the
+    peer trickles it. A timeout ends the association as a closed connection (pynetdicom turns
+    OSError into Evt17). Before an association is established, the negotiation deadline
+    (acse_timeout_s) bounds an A-ASSOCIATE-RQ whatever length it announces."""
+
+    def recv(nr_bytes: int) -> bytearray:
+        deadline = time.monotonic() + seconds + nr_bytes / MIN_PDU_RATE_BYTES_S
+        data = bytearray()
+        conn = sock.socket
+        try:
+            while len(data) < nr_bytes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("PDU read deadline passed")
+                conn.settimeout(remaining)
+                chunk = conn.recv(min(65536, nr_bytes - len(data)))
+                if not chunk:
+                    return data
+                data.extend(chunk)
+            return data
+        finally:
+            try:
+                conn.settimeout(idle_timeout)  # sends keep a bounded, not a shrinking, timeout
+            except OSError:
+                pass
+
+    return recv
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """Shut the connection down under any thread blocked on it (TLS or not): shutdown() on a
+    duplicate descriptor acts on the same kernel socket and bypasses the SSL layer's state."""
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        dup = socket.socket(fileno=os.dup(fd))
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        finally:
+            dup.close()
+    except OSError:
+        pass
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True when the peer has closed the connection (EOF or error pending), read without consuming
+    anything (a peek on a duplicate descriptor, below any TLS layer)."""
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return True
+        dup = socket.socket(fileno=os.dup(fd))
+        try:
+            return dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        finally:
+            dup.close()
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+class _Connection:
+    """One accepted connection, as the negotiation watchdog sees it."""
+
+    def __init__(self, raw: socket.socket, address: str) -> None:
+        self.raw = raw
+        self.address = address
+        self.assoc: Any = None
+        self.expired = False
+
+
+class _GuardedHandler(RequestHandler):
+    """pynetdicom's request handler, run in the connection's thread until the association ends, with
+    the whole-PDU read deadline installed on its socket."""
+
+    def __init__(self, request: Any, client_address: Any, server: Any, conn: _Connection) -> None:
+        self.conn = conn
+        super().__init__(request, client_address, server)
+
+    def handle(self) -> None:
+        server: GuardedServer = self.server  # type: ignore[assignment]
+        assoc = self._create_association()
+        sock: Any = assoc.dul.socket  # pynetdicom AssociationSocket; its recv gets the PDU deadline
+        sock.recv = _deadline_recv(sock, server.pdu_timeout_s, server.pdu_timeout_s)
+        self.conn.assoc = assoc
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        # Until the A-ASSOCIATE-RQ arrives, pynetdicom waits for it for acse_timeout even when the peer
+        # has already gone: notice the closed connection and end the association now, so that
+        # connect/close cycles give their slot back at once.
+        while assoc.is_alive() and assoc.requestor.primitive is None:
+            assoc.join(0.1)
+            if assoc.is_alive() and assoc.requestor.primitive is None and _peer_closed(self.conn.raw):
+                assoc.dul.to_user_queue.put(None)  # run_reactor treats "no request" as the end
+                break
+        assoc.join()
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with admission at accept (`ConnectionGuard`), the TLS handshake
+    and association negotiation under a deadline, in the connection's own thread."""
+
+    # socketserver's default listen backlog is 5: a burst of connections (a flood, or a PACS
+    # opening several at once) would have SYNs dropped and retried a second later.
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        *args: Any,
+        guard: ConnectionGuard,
+        tls_context: ssl.SSLContext | None,
+        negotiation_timeout_s: float,
+        pdu_timeout_s: float,
+        listener_name: str,
+        **kwargs: Any,
+    ) -> None:
+        self.guard = guard
+        self.tls_context = tls_context
+        self.negotiation_timeout_s = negotiation_timeout_s
+        self.pdu_timeout_s = pdu_timeout_s
+        self.listener_name = listener_name
+        self._conns: set[_Connection] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(*args, **kwargs)  # ssl_context stays None: the accept loop never handshakes
+
+    def shutdown(self) -> None:
+        """Stop accepting, end every open connection (A-ABORT for an established association),
+        then close the listening socket. Never waits for a silent peer."""
+        socketserver.BaseServer.shutdown(self)
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.expired = True
+            a = conn.assoc
+            if a is not None and a.is_established:
+                a.abort()
+            _shutdown(conn.raw)
+            if a is not None:
+                a.kill()
+        self.server_close()
+        if self in self.ae._servers:
+            self.ae._servers.remove(self)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        address = str(client_address[0])
+        reason = self.guard.admit(address)
+        if reason:
+            log.warning("connection_refused", address=address, listener=self.listener_name, reason=reason)
+            metrics.association_refused(reason)
+            return False
+        return True
+
+    def _expire(self, conn: _Connection) -> None:
+        a = conn.assoc
+        if a is not None and (a.is_established or a.is_released or a.is_aborted or a.is_rejected):
+            return
+        conn.expired = True
+        metrics.association_refused("negotiation timeout")
+        log.warning(
+            "connection_timeout",
+            address=conn.address,
+            listener=self.listener_name,
+            reason="TLS handshake and association negotiation not complete in time",
+            timeout_s=self.negotiation_timeout_s,
+        )
+        _shutdown(conn.raw)  # wakes a recv or a handshake blocked in another thread
+        if a is not None:
+            a.kill()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        address = str(client_address[0])
+        conn = _Connection(request, address)
+        with self._conns_lock:
+            self._conns.add(conn)
+        timer = threading.Timer(self.negotiation_timeout_s, self._expire, (conn,))
+        timer.daemon = True
+        timer.start()
+        try:
+            sock = request
+            request.settimeout(self.pdu_timeout_s)
+            if self.tls_context is not None:
+                try:
+                    sock = self.tls_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+                    conn.raw = sock  # wrap_socket detached `request`: the watchdog must see this one
+                    sock.do_handshake()
+                except (OSError, ValueError) as exc:
+                    if not conn.expired:
+                        reason = getattr(exc, "reason", None) or type(exc).__name__
+                        log.warning("tls_refused", address=address, listener=self.listener_name, reason=str(reason))
+                        metrics.association_refused("tls handshake")
+                    return
+            _GuardedHandler(sock, client_address, self, conn)
+        except Exception as exc:  # noqa: BLE001 - one connection never takes the server down
+            log.error("connection_failed", address=address, error_type=type(exc).__name__)
+        finally:
+            timer.cancel()
+            with self._conns_lock:
+                self._conns.discard(conn)
+            self.guard.release(address)
+            try:
+                conn.raw.close()
+            except OSError:
+                pass
+
+
 def build_ae(settings: Settings) -> AE:
     """An AE with Verification and CR/DX Storage (all of `TRANSFER_SYNTAXES`), unlimited PDU size,
     association limit, timeouts and AE-title checks from ``settings.node``."""
@@ -214,57 +493,110 @@ class Listener:
         self.store = store
         self.on_stored = on_stored
         self.ae = ae if ae is not None else build_ae(settings)
-        self._networks = _parse_networks(list(settings.node.allowed_addresses))
-        self._calling = {a.strip() for a in settings.node.allowed_calling_aets}
-        self._ae_title = settings.node.ae_title.strip()
-        self._server: Any = None
+        node = settings.node
+        self._networks = _parse_networks(list(node.allowed_addresses))
+        self._calling = {a.strip() for a in node.allowed_calling_aets}
+        self._ae_title = node.ae_title.strip()
+        self._guard = ConnectionGuard(
+            self._networks, node.max_associations, min(node.max_associations, node.max_associations_per_address)
+        )
+        self._tls_context: ssl.SSLContext | None = None
+        if settings.tls.listen:
+            from screener.dicom.tls import server_context
+
+            self._tls_context = server_context(settings.tls)
+        self._server: Any = None  # the plain listener (None when only TLS runs)
+        self._tls_server: Any = None
+        self._servers: list[Any] = []
         self._lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
+    def _serve(self, port: int, tls_context: ssl.SSLContext | None, name: str) -> Any:
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_C_STORE, self._on_c_store),
+        ]
+        node = self.settings.node
+        server = self.ae.make_server(
+            (node.host, port),
+            evt_handlers=handlers,
+            server_class=GuardedServer,
+            guard=self._guard,
+            tls_context=tls_context,
+            negotiation_timeout_s=node.acse_timeout_s,
+            pdu_timeout_s=node.network_timeout_s,
+            listener_name=name,
+        )
+        thread = threading.Thread(target=server.serve_forever, name=f"screener-{name}-listener", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # what AE.start_server does; server.shutdown() removes it
+        return server
+
     def start(self) -> None:
-        """Start listening (non-blocking). Raises OSError if the port cannot be bound."""
+        """Start listening (non-blocking). Raises OSError if a port cannot be bound."""
         with self._lock:
-            if self._server is not None:
+            if self._servers:
                 return
-            handlers = [
-                (evt.EVT_REQUESTED, self._on_requested),
-                (evt.EVT_ACCEPTED, self._on_accepted),
-                (evt.EVT_REJECTED, self._on_rejected),
-                (evt.EVT_ABORTED, self._on_aborted),
-                (evt.EVT_C_STORE, self._on_c_store),
-            ]
-            node = self.settings.node
-            self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+            node, tls = self.settings.node, self.settings.tls
+            try:
+                if not (tls.listen and not tls.plain_listener):
+                    self._server = self._serve(node.port, None, "plain")
+                    self._servers.append(self._server)
+                if tls.listen:
+                    self._tls_server = self._serve(tls.port, self._tls_context, "tls")
+                    self._servers.append(self._tls_server)
+            except BaseException:
+                self._stop_servers()
+                raise
         log.info(
             "listener_started",
             ae_title=self._ae_title,
             host=node.host,
-            port=self.port,
+            port=int(self._server.server_address[1]) if self._server else None,
+            tls_port=self.tls_port if self._tls_server else None,
             max_associations=node.max_associations,
+            max_associations_per_address=node.max_associations_per_address,
         )
 
+    def _stop_servers(self) -> list[Any]:
+        servers, self._servers = self._servers, []
+        self._server = self._tls_server = None
+        for server in servers:
+            server.shutdown()
+            for assoc in list(server.active_associations):
+                assoc.abort()
+        return servers
+
     def stop(self) -> None:
-        """Stop accepting, abort associations still open on this server, close the socket."""
+        """Stop accepting, abort associations still open on these servers, close the sockets."""
         with self._lock:
-            server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        for assoc in list(server.active_associations):
-            assoc.abort()
-        log.info("listener_stopped", ae_title=self._ae_title)
+            stopped = self._stop_servers()
+        if stopped:
+            log.info("listener_stopped", ae_title=self._ae_title)
 
     @property
     def port(self) -> int:
-        """The bound TCP port (the OS-assigned one when node.port is 0)."""
-        if self._server is None:
+        """The bound TCP port of the plain listener (of the TLS one when it runs alone); the
+        OS-assigned one when the configured port is 0."""
+        server = self._server or self._tls_server
+        if server is None:
             raise RuntimeError("listener is not started")
-        return int(self._server.server_address[1])
+        return int(server.server_address[1])
+
+    @property
+    def tls_port(self) -> int:
+        """The bound TCP port of the TLS listener."""
+        if self._tls_server is None:
+            raise RuntimeError("the TLS listener is not running")
+        return int(self._tls_server.server_address[1])
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return bool(self._servers)
 
     def __enter__(self) -> Listener:
         self.start()
@@ -283,20 +615,33 @@ class Listener:
         called = _text(getattr(rq, "called_ae_title", ""))
         reason = ""
         diagnostic = 0x01
+        identity = None
+        sock = getattr(assoc.dul.socket, "socket", None)
+        if isinstance(sock, ssl.SSLSocket):
+            from screener.dicom.tls import peer_allowed, peer_identity
+
+            identity = peer_identity(sock)
         if not address_allowed(address, self._networks):
             reason, diagnostic = "source address not allowed", 0x01
         elif self._calling and calling not in self._calling:
             reason, diagnostic = "calling AE title not allowed", 0x03
+        elif isinstance(sock, ssl.SSLSocket) and not peer_allowed(calling, identity, self.settings.tls.peers):
+            reason, diagnostic = "client certificate not registered for this calling AE title", 0x03
         elif called != self._ae_title:
             reason, diagnostic = "called AE title is not ours", 0x07
         if not reason:
             return
+        metrics.association_refused(reason)
+        extra = {}
+        if identity is not None:
+            extra = {"certificate_cn": identity.subject_cn, "certificate_sha256": identity.fingerprint_sha256}
         log.warning(
             "association_refused",
             address=address,
             calling_aet=calling,
             called_aet=called,
             reason=reason,
+            **extra,
         )
         # Rejected-permanent, by the service user. pynetdicom skips negotiation once is_rejected is
         # set by send_reject; kill() waits for the peer to close (or the ARTIM timer).
@@ -305,6 +650,7 @@ class Listener:
 
     def _on_accepted(self, event: Any) -> None:
         assoc = event.assoc
+        metrics.association_accepted()
         log.info(
             "association_accepted",
             address=str(assoc.requestor.address),
@@ -317,6 +663,9 @@ class Listener:
     def _on_rejected(self, event: Any) -> None:
         assoc = event.assoc
         rsp = assoc.acceptor.primitive
+        metrics.association_rejected(
+            getattr(rsp, "result", None), getattr(rsp, "result_source", None), getattr(rsp, "diagnostic", None)
+        )
         log.warning(
             "association_rejected",
             address=str(assoc.requestor.address),
@@ -349,9 +698,11 @@ class Listener:
                 error_type=type(exc).__name__,
                 where=where,
             )
+            metrics.instance_refused(INTERNAL_ERROR)
             return _status(INTERNAL_ERROR, "internal error")
 
     def _refuse(self, code: int, reason: str, **uids: str) -> Dataset:
+        metrics.instance_refused(code)
         log.warning("store_refused", status=f"0x{code:04X}", reason=reason, **uids)
         return _status(code, reason)
 
@@ -425,6 +776,7 @@ class Listener:
             duplicate=outcome.duplicate,
             ms=round((time.perf_counter() - t0) * 1000, 1),
         )
+        metrics.instance_stored(outcome.size)
         if self.on_stored is not None:
             try:
                 self.on_stored(study_uid)

@@ -1,7 +1,13 @@
-"""C-STORE of a result SR to a destination (pynetdicom SCU)."""
+"""C-STORE of a result SR to a destination (pynetdicom SCU), plain or over DICOM TLS.
+
+A destination uses TLS when its configuration says so (``tls = true`` in ``[[destinations]]``, or
+``AET@HOST:PORT?tls``); an outbox entry queued before TLS was configured for the same
+AE title, host and port is sent over TLS too (never downgraded). Error texts are our own words.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
@@ -11,16 +17,47 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ComprehensiveSRStorage,
 )
 
-from screener.config import Destination, parse_destination
+from screener.config import Destination, TlsSettings, parse_destination
+from screener.errors import ConfigError, safe_reason
 
 TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 
-def send_file(
-    path: Path, destination: Destination | str, calling_aet: str, timeout_s: float = 30.0
-) -> tuple[bool, str]:
-    """Send one DICOM file. Returns (success, error text)."""
+def resolve(destination: Destination | str, known: Sequence[Destination] = ()) -> Destination:
+    """The destination to use for an outbox entry: the configured one with the same AE title, host
+    and port when there is one (its TLS flag wins unless the entry itself asks for TLS)."""
     dest = parse_destination(destination) if isinstance(destination, str) else destination
+    for d in known:
+        if (d.ae_title, d.host, d.port) == (dest.ae_title, dest.host, dest.port):
+            return d if d.tls or not dest.tls else dest
+    return dest
+
+
+def send_file(
+    path: Path,
+    destination: Destination | str,
+    calling_aet: str,
+    timeout_s: float = 30.0,
+    *,
+    tls: TlsSettings | None = None,
+    known: Sequence[Destination] = (),
+) -> tuple[bool, str]:
+    """Send one DICOM file. Returns (success, error text). `tls`: the [tls] settings, needed for a
+    TLS destination; `known`: the configured destinations (see `resolve`)."""
+    try:
+        dest = resolve(destination, known)
+    except ConfigError:
+        return False, "destination is not AET@HOST:PORT"
+    tls_args = None
+    if dest.tls:
+        from screener.dicom.tls import client_context
+
+        if tls is None:
+            return False, f"TLS destination {dest}: no [tls] settings"
+        try:
+            tls_args = (client_context(tls), dest.host)
+        except ConfigError as exc:
+            return False, f"TLS destination {dest}: {exc}"
     try:
         ds = pydicom.dcmread(str(path))
     except Exception as exc:  # noqa: BLE001 - any unreadable SR is reported, not raised
@@ -32,15 +69,24 @@ def send_file(
     ae.maximum_pdu_size = 0
     for sop in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
         ae.add_requested_context(sop, TRANSFER_SYNTAXES)
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class and sop_class not in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
+        ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)  # a companion (SC / GSPS, issue 14)
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except Exception as exc:  # noqa: BLE001
-        return False, f"association failed: {exc.__class__.__name__}: {exc}"
+        return False, safe_reason(exc, f"association to {dest} failed")
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
-        return False, f"association to {dest.ae_title}@{dest.host}:{dest.port} {reason}"
+        if tls_args is not None and not (assoc.is_rejected or assoc.is_aborted):
+            reason += " (connection or TLS handshake failed)"
+        return False, f"association to {dest} {reason}"
     accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-    if Comprehensive3DSRStorage not in accepted and ComprehensiveSRStorage in accepted:
+    if (
+        sop_class == Comprehensive3DSRStorage
+        and Comprehensive3DSRStorage not in accepted
+        and ComprehensiveSRStorage in accepted
+    ):
         # A PACS without Comprehensive 3D SR: the same content is a valid Comprehensive SR (only 2-D SCOORDs).
         ds.SOPClassUID = ComprehensiveSRStorage
         if "file_meta" in ds:
@@ -48,7 +94,7 @@ def send_file(
     try:
         status = assoc.send_c_store(ds)
     except Exception as exc:  # noqa: BLE001
-        return False, f"C-STORE failed: {exc.__class__.__name__}: {exc}"
+        return False, safe_reason(exc, "C-STORE failed")
     finally:
         assoc.release()
     if not status or "Status" not in status:

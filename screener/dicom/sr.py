@@ -9,9 +9,10 @@ study attributes copied from the sources by highdicom) in its own series:
       Imaging Measurements (126010, DCM)
         Measurement Group (125007, DCM), one per source image and engine:
           whole-image engine: TID 1501 (MeasurementsAndQualitativeEvaluations)
-            Tracking Identifier / Tracking Unique Identifier
+            Tracking Identifier / Tracking Unique Identifier      (stable per finding)
             Finding = <finding code>                             (121071, DCM)
-            Algorithm Name / Version / Parameters                 TID 4019
+            Algorithm Name / Version / Manufacturer / Parameters /
+              Family = Artificial Intelligence (123110, DCM)      TID 4019
             Finding Site = Cervical spine (122494005, SCT) [+ Laterality]
             Source of Measurement = IMAGE <source SOP Instance>   (121112, DCM)
             Certainty of Finding (111012, DCM) = NN.NNN %          TID 300
@@ -20,6 +21,13 @@ study attributes copied from the sources by highdicom) in its own series:
             same items, with Image Region = SCOORD POLYLINE (closed rectangle,
             5 points, pixel coordinates) SELECTED FROM IMAGE <source SOP Instance>
             instead of the Source of Measurement item.
+
+Header (IHE AI Results): Verification Flag UNVERIFIED (no person verifies here);
+Preliminary Flag FINAL only when every engine is validated and none is a demo,
+else PRELIMINARY; one Contributing Equipment item per engine version with IHE
+AIR's "Processing Algorithm" purpose and a Device UID derived from the engine's
+manifest (a retrained engine is a new device); the Predecessor Documents Sequence
+names the SRs of the study that this one supersedes.
 
 Codes and their reasons: docs/sr-codes.md. The findings use a private coding
 scheme (99CSPINE), declared in the Coding Scheme Identification Sequence.
@@ -32,7 +40,9 @@ content with `derive_uid`; highdicom's creation timestamps are replaced by
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import uuid
 from collections.abc import Sequence
@@ -85,6 +95,13 @@ PRESENT = codes.SCT.Present  # 52101004 SCT
 ABSENT = codes.SCT.Absent  # 272519000 SCT
 CERTAINTY = codes.DCM.CertaintyOfFinding  # 111012 DCM
 PERCENT = codes.UCUM.Percent  # "%" UCUM
+ALGORITHM_FAMILY = codes.DCM.ArtificialIntelligence  # 123110 DCM, CID 7162; value of Algorithm Family (111000 DCM)
+# IHE AI Results (Rev 1.1+, 6.5.3.1): the Purpose of Reference of the Contributing Equipment item that
+# describes an algorithm. IHE gives a placeholder code in its own "99IHE" scheme until DICOM assigns one;
+# highdicom's ContributingEquipment only takes CID 7005 codes, so the item is written with pydicom.
+IHE_SCHEME = "99IHE"
+IHE_SCHEME_NAME = "IHE placeholder codes"
+PROCESSING_ALGORITHM = Code("Newcode1", IHE_SCHEME, "Processing Algorithm")
 
 SERIES_DESCRIPTION = "AI screening: cervical spine"
 SERIES_DESCRIPTION_UNVALIDATED = "AI screening: cervical spine (NOT FOR DIAGNOSIS - unvalidated)"  # LO: <= 64
@@ -107,6 +124,14 @@ class EngineInfo:
     demo: bool
     backend: str
     finding_code: Code
+    # SHA-256 of the manifest (canonical JSON): changes with every rebuild or retraining.
+    manifest_sha256: str = ""
+
+    @property
+    def device_uid(self) -> str:
+        """The engine's Device UID (Contributing Equipment): one per engine version and manifest,
+        the same after a restart or in a replay, a new one when the engine is retrained or rebuilt."""
+        return derive_uid("cspine-engine-device", self.task, self.name, self.version, self.manifest_sha256)
 
     @classmethod
     def from_manifest(cls, manifest: Any, backend: str, name: str | None = None) -> EngineInfo:
@@ -124,6 +149,7 @@ class EngineInfo:
             demo=bool(manifest.demo),
             backend=backend,
             finding_code=FINDING_CODES[manifest.task],
+            manifest_sha256=manifest_digest(manifest),
         )
 
     def parameters(self) -> list[str]:
@@ -157,6 +183,51 @@ class Finding:
 
 def _fmt(x: float) -> str:
     return format(float(x), ".6g")
+
+
+def manifest_digest(manifest: Any) -> str:
+    """SHA-256 of the manifest's canonical JSON (sorted keys), or "" for an object without `to_dict`."""
+    to_dict = getattr(manifest, "to_dict", None)
+    if to_dict is None:
+        return ""
+    text = json.dumps(to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def fit_for_diagnosis(findings: Sequence[Finding]) -> bool:
+    """True only when every engine is validated and none is a demo engine (PreliminaryFlag FINAL)."""
+    return all(f.engine.validated and not f.engine.demo for f in findings)
+
+
+def finding_tracking_uid(f: Finding, occurrence: int = 0) -> str:
+    """A finding's Tracking Unique Identifier: derived from the study, the source image (and frame),
+    the finding code, the engine's Device UID and the laterality. The same engine version on the
+    same image gives the same UID in every SR (a superseding SR, a replay), so an assessment (IHE
+    AIRA) can point at one finding; a retrained engine's finding is a new one."""
+    frame = "1" if int(f.source.get("NumberOfFrames") or 1) > 1 else "-"
+    parts = [
+        str(f.source.StudyInstanceUID),
+        str(f.source.SOPInstanceUID),
+        frame,
+        _code_key(f.engine.finding_code),
+        f.engine.device_uid,
+        f.laterality or "-",
+    ]
+    if occurrence:
+        parts.append(str(occurrence))
+    return derive_uid("cspine-finding", *parts)
+
+
+def finding_tracking_identifier(f: Finding) -> str:
+    """The human-readable Tracking Identifier: task, laterality and the source image's series and
+    instance numbers (no patient data), e.g. "stenosis R, image 2/1"."""
+    lat = f" {f.laterality}" if f.laterality else ""
+    series, instance = f.source.get("SeriesNumber"), f.source.get("InstanceNumber")
+    if series not in (None, "") and instance not in (None, ""):
+        where = f"image {series}/{instance}"
+    else:
+        where = f"image ...{str(f.source.SOPInstanceUID)[-12:]}"
+    return f"{f.engine.task}{lat}, {where}"
 
 
 def derive_uid(*parts: str) -> str:
@@ -235,6 +306,7 @@ def _finding_content_key(f: Finding) -> list[str]:
         e.task,
         e.name,
         e.version,
+        e.manifest_sha256,
         e.backend,
         _fmt(e.threshold),
         str(e.validated),
@@ -247,14 +319,17 @@ def _finding_content_key(f: Finding) -> list[str]:
     ]
 
 
-def _measurement_group(index: int, f: Finding, group_uid: str) -> Any:
+def _measurement_group(f: Finding, tracking_uid: str, manufacturer: str) -> Any:
     e = f.engine
     code = e.finding_code
-    tracking = TrackingIdentifier(
-        uid=group_uid,
-        identifier=f"{e.task} {index}" + (f" {f.laterality}" if f.laterality else ""),
+    tracking = TrackingIdentifier(uid=tracking_uid, identifier=finding_tracking_identifier(f))
+    algorithm = AlgorithmIdentification(
+        name=e.name,
+        version=e.version,
+        parameters=e.parameters(),
+        family=ALGORITHM_FAMILY,
+        manufacturer=manufacturer,
     )
-    algorithm = AlgorithmIdentification(name=e.name, version=e.version, parameters=e.parameters())
     site = FindingSite(anatomic_location=FINDING_SITE, laterality=LATERALITY[f.laterality] if f.laterality else None)
     percent = round(float(f.probability) * 100.0, PERCENT_DECIMALS)
     measurement = Measurement(name=CERTAINTY, value=percent, unit=PERCENT)
@@ -326,6 +401,36 @@ def add_predecessors(sr: pydicom.Dataset, predecessors: Sequence[SRReference]) -
     sr.PredecessorDocumentsSequence = items
 
 
+def add_algorithm_equipment(
+    sr: pydicom.Dataset, engines: Sequence[EngineInfo], manufacturer: str, when: datetime
+) -> None:
+    """Append one Contributing Equipment item per engine version, as IHE AI Results asks: purpose
+    "Processing Algorithm", Manufacturer, Manufacturer's Model Name (engine name), Software Versions
+    (engine version) and Device UID (`EngineInfo.device_uid`)."""
+    seq = sr.get("ContributingEquipmentSequence")
+    if seq is None:
+        sr.ContributingEquipmentSequence = []
+        seq = sr.ContributingEquipmentSequence
+    for e in engines:
+        purpose = pydicom.Dataset()
+        purpose.CodeValue = PROCESSING_ALGORITHM.value
+        purpose.CodingSchemeDesignator = PROCESSING_ALGORITHM.scheme_designator
+        purpose.CodeMeaning = PROCESSING_ALGORITHM.meaning
+        item = pydicom.Dataset()
+        item.Manufacturer = manufacturer
+        item.ManufacturerModelName = e.name
+        item.DeviceUID = e.device_uid
+        item.SoftwareVersions = e.version
+        item.ContributionDateTime = DT(when)
+        item.ContributionDescription = (
+            f"AI engine {e.name} {e.version} ({e.backend}), "
+            + ("validated" if e.validated else "NOT VALIDATED")
+            + (", demo engine" if e.demo else "")
+        )
+        item.PurposeOfReferenceCodeSequence = [purpose]
+        seq.append(item)
+
+
 def build_sr(
     findings: Sequence[Finding],
     *,
@@ -365,6 +470,7 @@ def build_sr(
     study_uid = studies.pop()
 
     when = content_datetime or datetime.now()
+    final = fit_for_diagnosis(findings)
     unvalidated = any(not f.engine.validated for f in findings)
     description = SERIES_DESCRIPTION_UNVALIDATED if unvalidated else SERIES_DESCRIPTION
 
@@ -381,10 +487,13 @@ def build_sr(
     if series_uid is None:
         series_uid = derive_uid("cspine-sr-series", device_uid, study_uid, description)
 
-    groups = [
-        _measurement_group(i + 1, f, derive_uid("cspine-group", sr_uid, str(i), *keys[i]))
-        for i, f in enumerate(findings)
-    ]
+    groups = []
+    seen_tracking: dict[str, int] = {}
+    for f in findings:
+        base = finding_tracking_uid(f)
+        n = seen_tracking.get(base, 0)
+        seen_tracking[base] = n + 1
+        groups.append(_measurement_group(f, finding_tracking_uid(f, n) if n else base, manufacturer))
 
     observer = ObserverContext(
         observer_type=OBSERVER_DEVICE,
@@ -416,7 +525,7 @@ def build_sr(
         instance_number=instance_number,
         manufacturer=manufacturer,
         is_complete=True,
-        is_final=True,
+        is_final=final,
         is_verified=False,
         series_description=description,
         manufacturer_model_name=model_name,
@@ -430,7 +539,12 @@ def build_sr(
                 designator=PRIVATE_SCHEME,
                 name=PRIVATE_SCHEME_NAME,
                 responsible_organization=manufacturer,
-            )
+            ),
+            CodingSchemeIdentificationItem(
+                designator=IHE_SCHEME,
+                name=IHE_SCHEME_NAME,
+                responsible_organization="IHE International",
+            ),
         ],
     )
     # Replace highdicom's "now" stamps so the same inputs give the same bytes.
@@ -439,6 +553,10 @@ def build_sr(
     for item in sr.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = DT(when)
+    engines: dict[str, EngineInfo] = {}
+    for f in findings:
+        engines.setdefault(f.engine.device_uid, f.engine)
+    add_algorithm_equipment(sr, list(engines.values()), manufacturer, when)
     add_predecessors(sr, predecessors)
     return sr
 
@@ -521,9 +639,9 @@ def summarize(sr: pydicom.Dataset) -> list[dict[str, Any]]:
             elif vtype == "NUM" and concept == (CERTAINTY.value, CERTAINTY.scheme_designator):
                 row["probability"] = float(item.MeasuredValueSequence[0].NumericValue) / 100.0
             elif vtype == "CODE" and concept == _LATERALITY:
-                value = _code_value(item)[:2]
+                side = _code_value(item)[:2]
                 row["laterality"] = next(
-                    (k for k, c in LATERALITY.items() if (c.value, c.scheme_designator) == value), None
+                    (k for k, c in LATERALITY.items() if (c.value, c.scheme_designator) == side), None
                 )
             elif vtype == "CODE" and (concept in finding_codes or concept == finding_type):
                 value = _code_value(item)

@@ -882,6 +882,7 @@ class Store:
         *,
         reason: str = "",
         failed: bool = False,
+        extra_paths: Sequence[str] = (),
     ) -> str | None:
         """The end of a screening pass, in one transaction: the study screening -> reported (with
         `sr`), skipped (no SR: nothing screened, `reason`) or failed (`failed=True`: the SR could not
@@ -933,14 +934,16 @@ class Store:
                 )
                 self._event(c, wall, "sr", study_uid, "current", f"id={sr_id} instance {sr.instance_number}")
                 for d in destinations:
-                    cur = c.execute(
-                        "INSERT INTO outbox (study_uid, sr_id, destination, sr_path, attempts, next_try_at, due_nt,"
-                        " state, created_at, updated_at) VALUES (?, ?, ?, ?, 0, ?, ?, 'pending', ?, ?)",
-                        (study_uid, sr_id, d, sr.path, wall, nt, wall, wall),
-                    )
-                    oid = int(cur.lastrowid)  # type: ignore[arg-type]
-                    oids.append(oid)
-                    self._event(c, wall, "outbox", study_uid, "pending", f"id={oid} to {d}")
+                    # The SR first, then its companion objects (report.companion), same SR id.
+                    for path in (sr.path, *extra_paths):
+                        cur = c.execute(
+                            "INSERT INTO outbox (study_uid, sr_id, destination, sr_path, attempts, next_try_at,"
+                            " due_nt, state, created_at, updated_at) VALUES (?, ?, ?, ?, 0, ?, ?, 'pending', ?, ?)",
+                            (study_uid, sr_id, d, path, wall, nt, wall, wall),
+                        )
+                        oid = int(cur.lastrowid)  # type: ignore[arg-type]
+                        oids.append(oid)
+                        self._event(c, wall, "outbox", study_uid, "pending", f"id={oid} to {d}")
             for o in outcomes:
                 c.execute("DELETE FROM results WHERE sop_instance_uid = ?", (o.sop_instance_uid,))
                 for res in o.results:
@@ -1318,6 +1321,7 @@ class Store:
                 ).fetchall():
                     paths.append(sr[0])
                     n_sr += 1
+                paths += [r[0] for r in c.execute("SELECT DISTINCT sr_path FROM outbox WHERE study_uid = ?", (uid,))]
                 # ON DELETE CASCADE removes results, SR rows and outbox rows.
                 c.execute("DELETE FROM studies WHERE study_uid = ?", (uid,))
                 self._event(c, wall, "purge", uid, "purged", f"study, retention {older_than_days:g} days")
@@ -1329,6 +1333,12 @@ class Store:
                 c.execute("UPDATE srs SET state = 'deleted', updated_at = ? WHERE id = ?", (wall, r["id"]))
                 self._event(c, wall, "sr", r["study_uid"], "deleted", f"id={r['id']} superseded SR file deleted")
                 paths.append(r["path"])
+                paths += [  # its companion objects
+                    o[0]
+                    for o in c.execute(
+                        "SELECT DISTINCT sr_path FROM outbox WHERE sr_id = ? AND sr_path != ?", (r["id"], r["path"])
+                    )
+                ]
                 n_sr += 1
         if paths:
             crash.point("store.after_retention_commit")
@@ -1364,6 +1374,12 @@ class Store:
         with self._lock:
             known = {r[0] for r in self._conn.execute("SELECT path FROM instances")}
             known_sr = {r[0] for r in self._conn.execute("SELECT path FROM srs WHERE state != 'deleted'")}
+            known_sr |= {  # companion objects delivered with an SR
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT o.sr_path FROM outbox o JOIN srs ON o.sr_id = srs.id WHERE srs.state != 'deleted'"
+                )
+            }
         parts = orphans = sr_orphans = 0
         on_disk: set[str] = set()
         for root, is_sr in ((self.spool_dir, False), (self.sr_dir, True)):

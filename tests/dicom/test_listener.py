@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,8 +192,10 @@ def test_wrong_called_aet_rejected(node, logs):
 def test_address_allow_list(node, logs):
     listener, _ = node(allowed_addresses=["10.0.0.0/8"])
     assoc = associate(listener.port)
-    assert assoc.is_rejected
-    assert [e["reason"] for e in logs if e["event"] == "association_refused"] == ["source address not allowed"]
+    # Refused at accept (before it takes a slot or a thread): the connection is closed at once.
+    assert not assoc.is_established
+    refused = [e for e in logs if e["event"] == "connection_refused"]
+    assert [(e["reason"], e["address"]) for e in refused] == [("source address not allowed", "127.0.0.1")]
     listener2, _ = node(allowed_addresses=["10.1.2.3", "127.0.0.0/8"])
     assoc = associate(listener2.port)
     assert assoc.is_established
@@ -404,3 +408,132 @@ def test_dcmtk_storescu_ct_refused_node_keeps_serving(node, tmp_path: Path):
     assert store.get_instance(ct.SOPInstanceUID) is None
     r = _run(["echoscu", "-aec", OUR_AET, "127.0.0.1", str(listener.port)])
     assert r.returncode == 0, r.stderr
+
+
+# -- connections that cannot starve the node ----------------------------------------------------
+
+# The first 16 bytes of an A-ASSOCIATE-RQ announcing 1000 bytes that never come.
+HALF_OPEN_RQ = b"\x01\x00" + (1000).to_bytes(4, "big") + b"\x00\x01\x00\x00" + b"CSPINE"
+
+
+def half_open(port: int, source: str, payload: bytes = HALF_OPEN_RQ) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+    if payload:
+        s.sendall(payload)
+    return s
+
+
+def closed_by_node(s: socket.socket) -> bool:
+    """True when the node closed the connection (EOF or reset) within the socket's timeout."""
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def echo_ok(port: int) -> bool:
+    assoc = associate(port, contexts=[(Verification, [ImplicitVRLittleEndian])])
+    if not assoc.is_established:
+        return False
+    try:
+        return assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_half_open_sockets_from_one_address_do_not_starve_others(node, logs):
+    """max_associations half-open sockets from one address hold at most that address's slots: the
+    allowed PACS (another address) still gets through at once, and the excess is refused at accept."""
+    listener, _ = node(max_associations=10, max_associations_per_address=5, acse_timeout_s=60.0)
+    held = [half_open(listener.port, "127.0.0.2") for _ in range(10)]
+    try:
+        refused = [s for s in held[5:] if closed_by_node(s)]
+        assert len(refused) == 5
+        assert echo_ok(listener.port)
+        open_now = listener._guard.open_connections()
+        assert open_now.get("127.0.0.2") == 5
+    finally:
+        for s in held:
+            s.close()
+    events = [e for e in logs if e["event"] == "connection_refused"]
+    assert len(events) == 5
+    assert {(e["address"], e["reason"]) for e in events} == {("127.0.0.2", "too many connections from this address")}
+
+
+def test_negotiation_deadline_closes_half_open_connections(node, logs):
+    listener, _ = node(acse_timeout_s=1.0)
+    held = [half_open(listener.port, "127.0.0.2"), half_open(listener.port, "127.0.0.2", payload=b"")]
+    try:
+        assert all(closed_by_node(s) for s in held)
+    finally:
+        for s in held:
+            s.close()
+    timeouts = [e for e in logs if e["event"] == "connection_timeout"]
+    assert len(timeouts) == 2 and {e["address"] for e in timeouts} == {"127.0.0.2"}
+    deadline = time.monotonic() + 30
+    while listener._guard.open_connections() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert listener._guard.open_connections() == {}
+    assert echo_ok(listener.port)
+
+
+def test_disallowed_address_refused_at_accept(node, logs):
+    """Ten half-open connections from a disallowed address never take a slot: each is closed at
+    accept and logged with its address; the allowed PACS gets through."""
+    listener, _ = node(allowed_addresses=["127.0.0.1"], max_associations=10)
+    held = [half_open(listener.port, "127.0.0.2") for _ in range(10)]
+    try:
+        assert all(closed_by_node(s) for s in held)
+        assert echo_ok(listener.port)
+    finally:
+        for s in held:
+            s.close()
+    events = [e for e in logs if e["event"] == "connection_refused"]
+    assert len(events) == 10 and {e["address"] for e in events} == {"127.0.0.2"}
+    assert {e["reason"] for e in events} == {"source address not allowed"}
+
+
+def test_connect_close_cycles_do_not_lock_out(node, logs):
+    listener, _ = node(max_associations=10, max_associations_per_address=5)
+    for i in range(50):
+        s = socket.create_connection(("127.0.0.1", listener.port), timeout=10)
+        if i % 2:
+            s.sendall(HALF_OPEN_RQ)
+        s.close()
+    # Slots are given back as each connection ends: poll (no timing asserted) until every connection
+    # has been accepted (or refused) and has ended.
+    deadline = time.monotonic() + 30
+    guard = listener._guard
+    while (guard.decisions < 50 or guard.open_connections()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert listener._guard.open_connections() == {}
+    assert echo_ok(listener.port)
+    assert store_one(listener.port, make_dx()).Status == 0x0000
+
+
+def test_slow_pdu_is_cut_at_the_read_deadline(node, logs):
+    """A peer that trickles a PDU one byte at a time (each byte inside the socket timeout) is cut
+    when the whole PDU has not arrived within network_timeout_s."""
+    listener, _ = node(acse_timeout_s=60.0, network_timeout_s=1.0)
+    s = half_open(listener.port, "127.0.0.2", payload=b"")
+    try:
+        closed = False
+        deadline = time.monotonic() + 30
+        for byte in HALF_OPEN_RQ * 20:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            s.settimeout(0.3)
+            if closed_by_node(s):
+                closed = True
+                break
+            if time.monotonic() > deadline:
+                break
+        assert closed
+    finally:
+        s.close()
+    assert echo_ok(listener.port)

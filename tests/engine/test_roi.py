@@ -118,7 +118,7 @@ def test_wide_window_clipped_and_containment_uses_image_bounds():
 
 
 def test_items_from_lateral_and_oblique_roots(tmp_path, monkeypatch, mini_csxa):
-    """Oblique roots go through trainer.oblique.load_oblique (a stand-in here): unannotated images are
+    """Oblique roots go through trainer.data.oblique.load_oblique (a stand-in here): unannotated images are
     skipped and counted; groups of different roots never merge; splits are per root, by patient."""
     import sys
     import types
@@ -126,7 +126,7 @@ def test_items_from_lateral_and_oblique_roots(tmp_path, monkeypatch, mini_csxa):
     from pathlib import Path
 
     from tests.conftest import write_sheet
-    from trainer.csxa import LoadReport
+    from trainer.data.csxa import LoadReport
     from trainer.splits import SplitSpec
 
     obl = tmp_path / "oblique"
@@ -156,9 +156,9 @@ def test_items_from_lateral_and_oblique_roots(tmp_path, monkeypatch, mini_csxa):
         )
         for i in range(1, 13)
     ]
-    fake = types.ModuleType("trainer.oblique")
+    fake = types.ModuleType("trainer.data.oblique")
     fake.load_oblique = lambda root: (samples, LoadReport(root=str(root)))
-    monkeypatch.setitem(sys.modules, "trainer.oblique", fake)
+    monkeypatch.setitem(sys.modules, "trainer.data.oblique", fake)
 
     items, problems = roi_items_from([mini_csxa], [obl], spec=SplitSpec(seed=1))
     lateral = [it for it in items if it.view == "lateral"]

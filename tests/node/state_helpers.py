@@ -40,7 +40,9 @@ def fast_settings(var: Path, engines_dir: Path, destinations, **schedule) -> con
         "stop_timeout_s": 20.0,
     }
     base.update(schedule)
-    return node_settings(var, engines_dir, destinations, **base)
+    settings = node_settings(var, engines_dir, destinations, **base)
+    enabled = set(settings.engines.enabled)  # config.parse (the subprocess) checks rules against engines
+    return dataclasses.replace(settings, routing=[r for r in settings.routing if set(r.engines) <= enabled])
 
 
 class NodeProcess:

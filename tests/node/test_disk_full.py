@@ -103,7 +103,7 @@ class OneShotSender:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, path, destination, calling_aet, timeout_s=30.0):
+    def __call__(self, path, destination, calling_aet, timeout_s=30.0, **_kw):
         self.calls += 1
         return True, ""
 

@@ -26,7 +26,13 @@ def make_node(tmp_path: Path, screener=None, sender=None, clock=None, real_time=
         base.schedule, **{"study_stable_s": 1.0, "send_backoff_s": 1.0, "send_retries": 3, **schedule}
     )
     node_s = dataclasses.replace(base.node, var_dir=str(tmp_path / "var"), port=0, host="127.0.0.1")
-    settings = dataclasses.replace(base, node=node_s, schedule=sched, destinations=[config.Destination("A", "h", 1)])
+    settings = dataclasses.replace(
+        base,
+        node=node_s,
+        schedule=sched,
+        destinations=[config.Destination("A", "h", 1)],
+        http=dataclasses.replace(base.http, enabled=False),
+    )
     clock = clock or Clock()
     return FakeNode(
         settings,

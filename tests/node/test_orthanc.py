@@ -320,3 +320,179 @@ def test_orthanc_forwards_study_and_receives_sr(tmp_path, built):
         path = tmp_path / "sr-from-orthanc.dcm"
         path.write_bytes(raw)
         assert dciodvfy_errors(path) == []
+
+
+@needs_orthanc
+def test_orthanc_stores_and_renders_the_companions(tmp_path):
+    """Issue 14: the node's sender stores the SR and both kinds of companion in Orthanc, in the source
+    study; Orthanc renders the Secondary Capture (GET /instances/{id}/preview). The PNG is kept as
+    docs/samples/companion-orthanc-preview.png."""
+    import cv2
+    import numpy as np
+
+    from screener.dicom import samples
+    from screener.dicom.companion import (
+        GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE,
+        SECONDARY_CAPTURE_IMAGE_STORAGE,
+        build_companions,
+        companion_to_bytes,
+    )
+    from screener.dicom.image import dataset_to_gray8
+    from screener.dicom.sender import send_file
+    from screener.dicom.sr import sr_to_bytes
+
+    images = samples.sample_images()
+    findings = samples.sample_findings(images, samples.sample_engines())
+    sr = samples.build_sample_sr(findings)
+    gray = {str(ds.SOPInstanceUID): dataset_to_gray8(ds) for ds in images}
+    right = findings[2]  # the oblique with a box and a positive call
+    (sc,) = build_companions("secondary-capture", [right], sr, pixels=gray, software_version="0.1.0")
+    (gsps,) = build_companions("gsps", [right], sr, software_version="0.1.0")
+    files = {
+        "sr": (sr_to_bytes(sr), str(sr.SOPInstanceUID)),
+        "sc": (companion_to_bytes(sc.dataset), str(sc.dataset.SOPInstanceUID)),
+        "gsps": (companion_to_bytes(gsps.dataset), str(gsps.dataset.SOPInstanceUID)),
+    }
+
+    # Nothing listens on the "cspine" port: Orthanc's forward of the uploaded image simply fails.
+    orthanc = Orthanc(tmp_path / "orthanc", cspine_port=free_port())
+    try:
+        orthanc.start()
+        study_id = orthanc.upload(images[2])["ParentStudy"]
+        destination = config.Destination("ORTHANC", "127.0.0.1", orthanc.dicom_port)
+        for name, (blob, _uid) in files.items():
+            path = tmp_path / f"{name}.dcm"
+            path.write_bytes(blob)
+            ok, error = send_file(path, destination, "CSPINE", timeout_s=20)  # the node's own C-STORE
+            assert ok, f"{name}: {error}\n{orthanc.log_tail()}"
+        instances = orthanc.get(f"/studies/{study_id}/instances?expand")
+        by_uid = {i["MainDicomTags"]["SOPInstanceUID"]: i for i in instances}
+        for name, (_blob, uid) in files.items():
+            assert uid in by_uid, f"{name} not in the source study in Orthanc"
+        sc_id = by_uid[files["sc"][1]]["ID"]
+        tags = orthanc.get(f"/instances/{sc_id}/simplified-tags")
+        assert tags["SOPClassUID"] == SECONDARY_CAPTURE_IMAGE_STORAGE and tags["BurnedInAnnotation"] == "YES"
+        gsps_tags = orthanc.get(f"/instances/{by_uid[files['gsps'][1]]['ID']}/simplified-tags")
+        assert gsps_tags["SOPClassUID"] == GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE
+        png = orthanc.get(f"/instances/{sc_id}/preview", raw=True)
+    finally:
+        orthanc.stop()
+
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    burned = np.frombuffer(sc.dataset.PixelData, np.uint8).reshape(int(sc.dataset.Rows), int(sc.dataset.Columns))
+    assert shown.shape == burned.shape
+    assert float(np.abs(shown.astype(int) - burned.astype(int)).mean()) < 2.0  # Orthanc shows what was burned in
+    (ROOT / "docs" / "samples" / "companion-orthanc-preview.png").write_bytes(png)
+
+
+# ------------------------------------------------------------------------------------ DICOM TLS
+
+
+def load_tls_config() -> dict:
+    return json.loads(strip_json_comments((DEPLOY / "dicom-tls.json").read_text(encoding="utf-8")))
+
+
+class OrthancTls(Orthanc):
+    """Orthanc with deploy/orthanc/dicom-tls.json merged in (paths to the test's certificates) and the
+    "cspine" modality reached over TLS."""
+
+    def __init__(self, workdir: Path, *, cspine_port: int, pki, dicom_port: int | None = None) -> None:
+        super().__init__(workdir, cspine_port=cspine_port, dicom_port=dicom_port)
+        self.pki = pki
+
+    def configuration(self) -> dict:
+        cfg = super().configuration()
+        tls = load_tls_config()
+        tls.update(
+            {
+                "DicomTlsCertificate": str(self.pki.pacs.cert),
+                "DicomTlsPrivateKey": str(self.pki.pacs.key),
+                "DicomTlsTrustedCertificates": str(self.pki.ca.cert),
+            }
+        )
+        cfg.update(tls)
+        cspine = cfg["DicomModalities"]["cspine"]
+        assert isinstance(cspine, dict), "the TLS flag needs the long form of the modality entry"
+        cspine["UseDicomTls"] = True
+        return cfg
+
+
+def test_deploy_tls_config_is_usable():
+    tls = load_tls_config()
+    assert tls["DicomTlsEnabled"] is True and tls["DicomTlsRemoteCertificateRequired"] is True
+    assert {"DicomTlsCertificate", "DicomTlsPrivateKey", "DicomTlsTrustedCertificates"} <= set(tls)
+    assert not set(tls) & set(load_deploy_config()), "a key in two files is an Orthanc startup error"
+
+
+@pytest.mark.slow
+@needs_orthanc
+def test_orthanc_dicom_tls_round_trip(tmp_path, built):
+    """Orthanc forwards over DICOM TLS to the node's TLS listener; the node's SR goes back to Orthanc
+    over TLS (mutual authentication both ways, certificates made by the test)."""
+    import dataclasses
+
+    from screener.node import Node
+    from tests.support.dicom_factory import make_dx, make_study_ids
+    from tests.support.node_helpers import node_settings, synth_gray
+    from tests.support.tls_certs import OPENSSL, Pki
+
+    if OPENSSL is None:
+        pytest.skip("needs the openssl command line")
+    pki = Pki.create(tmp_path / "pki")
+    data = built[0].data
+    ids = make_study_ids()
+    lateral = make_dx(synth_gray(data, 0), ids, "LL", instance_number=1)
+
+    orthanc_dicom_port = free_port()
+    destination = config.Destination("ORTHANC", "127.0.0.1", orthanc_dicom_port, tls=True)
+    base = node_settings(tmp_path / "var", built[1].parent, [destination], study_stable_s=2.0)
+    tls = config.TlsSettings(
+        certificate=str(pki.node.cert),
+        private_key=str(pki.node.key),
+        ca_file=str(pki.ca.cert),
+        listen=True,
+        port=free_port(),
+        plain_listener=False,
+    )
+    node = Node(dataclasses.replace(base, tls=tls))
+    node.start()
+    orthanc = OrthancTls(
+        tmp_path / "orthanc", cspine_port=node.listener.tls_port, pki=pki, dicom_port=orthanc_dicom_port
+    )
+    try:
+        orthanc.start()
+        study_id = orthanc.upload(lateral)["ParentStudy"]
+        deadline = time.monotonic() + 90
+        sr_series = []
+        while time.monotonic() < deadline:
+            series = orthanc.get(f"/studies/{study_id}/series?expand")
+            sr_series = [s for s in series if s["MainDicomTags"].get("Modality") == "SR"]
+            if sr_series:
+                break
+            time.sleep(0.5)
+        assert sr_series, (
+            f"no SR in the Orthanc study after 90 s; node: {node.store.counts()}; "
+            f"jobs: {orthanc.store_jobs()}\n{orthanc.log_tail()}"
+        )
+        jobs = orthanc.store_jobs()
+        assert jobs and jobs[0]["State"] == "Success", (jobs, orthanc.log_tail())
+        row = node.store.get_instance(lateral.SOPInstanceUID)
+        assert row is not None and row.calling_aet == "ORTHANC"
+
+        # Orthanc refuses a node whose certificate it does not trust, and a plain connection.
+        from screener.dicom.sender import send_file
+
+        (sr_instance,) = orthanc.get(f"/series/{sr_series[0]['ID']}/instances")
+        sr_path = tmp_path / "sr.dcm"
+        sr_path.write_bytes(orthanc.get(f"/instances/{sr_instance['ID']}/file", raw=True))
+        rogue = dataclasses.replace(tls, certificate=str(pki.rogue.cert), private_key=str(pki.rogue.key))
+        ok, _ = send_file(sr_path, destination, "CSPINE", timeout_s=10, tls=rogue)
+        assert not ok
+        ok, _ = send_file(sr_path, dataclasses.replace(destination, tls=False), "CSPINE", timeout_s=10)
+        assert not ok
+        ok, error = send_file(sr_path, destination, "CSPINE", timeout_s=10, tls=tls)
+        assert ok, error
+    finally:
+        orthanc.stop()
+        node.stop()

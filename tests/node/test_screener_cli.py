@@ -1,5 +1,7 @@
 """Command-line behaviour: clear messages, no tracebacks for user mistakes."""
 
+import pytest
+
 from screener.cli import main
 
 
@@ -35,6 +37,7 @@ def test_status_without_state(tmp_path, capsys):
     assert "no node state" in out and "NOT LOADABLE" in out
 
 
+@pytest.mark.slow  # builds the session engine
 def test_tampered_engine_refused(tmp_path, capsys, built):
     import shutil
 

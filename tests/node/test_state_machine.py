@@ -107,7 +107,7 @@ class FakeSender:
         self.up = True
         self.delivered: list[tuple[str, dict]] = []  # (destination, SR body)
 
-    def __call__(self, path, destination, calling_aet, timeout_s=30.0):
+    def __call__(self, path, destination, calling_aet, timeout_s=30.0, **_kw):
         if not self.up:
             return False, "association to peer rejected"
         self.delivered.append((destination, json.loads(Path(path).read_bytes())))

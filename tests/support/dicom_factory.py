@@ -6,9 +6,9 @@ import datetime as dt
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
 
 
 def make_study_ids() -> dict[str, str]:
@@ -39,7 +39,7 @@ def make_dx(
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = DX_PRESENTATION
     ds.SOPClassUID = DX_PRESENTATION
-    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.SOPInstanceUID = UID(sop_uid) if sop_uid else generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     today = dt.date(2026, 11, 1).strftime("%Y%m%d")

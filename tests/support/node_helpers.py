@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from screener import config
 from screener.engine.preprocessing import read_image_gray8
@@ -22,7 +23,7 @@ class CollectingSCP:
         self.ae_title = ae_title
         self.received: list = []
         self.port = port
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
 
     def _on_store(self, event):
@@ -38,10 +39,12 @@ class CollectingSCP:
         for sop in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
             ae.add_supported_context(sop)
         ae.add_supported_context(Verification)
-        self._server = ae.start_server(
+        server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
         )
-        self.port = self._server.server_address[1]
+        assert server is not None  # block=False returns the server
+        self._server = server
+        self.port = server.server_address[1]
         return self
 
     def stop(self) -> None:
@@ -85,8 +88,9 @@ def node_settings(var: Path, engines_dir: Path, destinations, enabled=("spondylo
     node = dataclasses.replace(base.node, port=0, host="127.0.0.1", var_dir=str(var), min_free_mb=1)
     engines = dataclasses.replace(base.engines, dir=str(engines_dir), backend="onnx-fp32", enabled=list(enabled))
     logging = dataclasses.replace(base.logging, level="warning")
+    http = dataclasses.replace(base.http, enabled=False)  # tests/http turn it on, on a free port
     return dataclasses.replace(
-        base, node=node, schedule=sched, engines=engines, destinations=list(destinations), logging=logging
+        base, node=node, schedule=sched, engines=engines, destinations=list(destinations), logging=logging, http=http
     )
 
 

@@ -9,7 +9,7 @@ import torch
 from screener.engine import manifest as mf
 from screener.engine import preprocessing as pp
 from trainer.build import load_prepared
-from trainer.data import PreparedDataset
+from trainer.data.prepare import PreparedDataset
 from trainer.model import ProbabilityHead, build_classifier
 from trainer.splits import SplitSpec
 

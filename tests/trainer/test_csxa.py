@@ -5,9 +5,9 @@ import pytest
 from screener.engine import preprocessing as pp
 from screener.errors import DataError
 from tests.conftest import write_sheet
-from trainer import csxa
 from trainer.cli import main
-from trainer.data import prepare_samples
+from trainer.data import csxa
+from trainer.data.prepare import prepare_samples
 
 
 def test_loads_and_groups_patients(mini_csxa):
@@ -88,42 +88,18 @@ def test_header_on_first_row_also_found(tmp_path):
     assert len(samples) == 2
 
 
+def _build(data, out, *more: str) -> int:
+    return main(["--quiet", "build-engine", "--task", "spondylosis", "--data", str(data), "--out", str(out), *more])
+
+
 def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code = main(
-        [
-            "--quiet",
-            "build-engine",
-            "--task",
-            "spondylosis",
-            "--data",
-            str(tmp_path / "empty"),
-            "--out",
-            str(tmp_path / "engines"),
-            "--epochs",
-            "1",
-        ]
-    )
+    code = _build(tmp_path / "empty", tmp_path / "engines", "--epochs", "1")
     err = capsys.readouterr().err
     assert code == 2 and "no datasets.xlsx" in err and "Traceback" not in err
 
 
 def test_cli_too_small_dataset(mini_csxa, tmp_path, capsys):
-    code = main(
-        [
-            "--quiet",
-            "build-engine",
-            "--task",
-            "spondylosis",
-            "--data",
-            str(mini_csxa),
-            "--out",
-            str(tmp_path / "engines"),
-            "--epochs",
-            "1",
-            "--image-size",
-            "32",
-        ]
-    )
+    code = _build(mini_csxa, tmp_path / "engines", "--epochs", "1", "--image-size", "32")
     err = capsys.readouterr().err
     assert code == 2 and "split" in err

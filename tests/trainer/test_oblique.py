@@ -1,4 +1,4 @@
-"""Tests for trainer.oblique: the oblique-view loader (docs/stenosis-data.md)."""
+"""Tests for trainer.data.oblique: the oblique-view loader (docs/stenosis-data.md)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from screener.errors import DataError
-from trainer.csxa import LoadReport
-from trainer.oblique import ObliqueSample, load_oblique, parse_view, read_rectangle
+from tests.conftest import write_sheet
+from trainer.data.csxa import LoadReport
+from trainer.data.oblique import ObliqueSample, load_oblique, parse_view, read_rectangle
 from trainer.splits import SplitSpec, split_groups
-from trainer.synth_oblique import describe_oblique, synthesize_oblique
+from trainer.synth.oblique import describe_oblique, synthesize_oblique
 
 N = 20
 SEED = 11
@@ -33,20 +34,6 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthesize_oblique(tmp_path_factory.mktemp("obl") / "data", n=N, seed=SEED).root
 
 
-def _write_sheet(path: Path, rows, header=HEADER, super_header=True) -> None:
-    from openpyxl import Workbook
-
-    wb = Workbook()
-    ws = wb.active
-    ws.title = "Sheet1"
-    if super_header:
-        ws.append(["Oblique views"])
-    ws.append(header)
-    for r in rows:
-        ws.append(list(r))
-    wb.save(path)
-
-
 def _rect_doc(points, label="cspine", shape_type="rectangle") -> dict:
     return {
         "version": "5.0.1",
@@ -62,7 +49,7 @@ def _mini(root: Path, rows, docs: dict | None = None, header=HEADER, missing=())
     """rows: (number, gender, age, view, stenosis); a PNG for each unless number in `missing`."""
     (root / "datasets-PNG").mkdir(parents=True)
     (root / "datasets-JSON").mkdir(parents=True)
-    _write_sheet(root / "datasets.xlsx", rows, header)
+    write_sheet(root / "datasets.xlsx", rows, header, super_header="Oblique views")
     for number, gender, age, *_ in rows:
         if number in missing:
             continue

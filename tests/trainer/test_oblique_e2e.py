@@ -7,9 +7,9 @@ from screener.engine import manifest as mf
 from screener.engine import preprocessing as pp
 from screener.engine.roi import predict_boxes
 from screener.engine.runtime import load_engine
-from trainer.csxa import LoadReport
-from trainer.data import prepare_samples, read_gray8
-from trainer.oblique import load_oblique
+from trainer.data.csxa import LoadReport
+from trainer.data.oblique import load_oblique
+from trainer.data.prepare import prepare_samples, read_gray8
 
 pytestmark = pytest.mark.slow
 

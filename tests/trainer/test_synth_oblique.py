@@ -1,4 +1,4 @@
-"""Tests for trainer.synth_oblique: the synthetic oblique set must match docs/stenosis-data.md."""
+"""Tests for trainer.synth.oblique: the synthetic oblique set must match docs/stenosis-data.md."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from openpyxl import load_workbook
 
 from screener.engine import preprocessing as pp
-from trainer import synth_oblique as so
+from tests.support.sheets import read_sheet
 from trainer.synth import SynthResult
-from trainer.synth_oblique import ImageInfo, describe_oblique, synthesize_oblique
+from trainer.synth import oblique as so
+from trainer.synth.oblique import ImageInfo, describe_oblique, synthesize_oblique
 
 N = 50  # >= 50: the set has a row without an image
 SEED = 3
@@ -31,18 +31,8 @@ def infos() -> list[ImageInfo]:
     return describe_oblique(n=N, seed=SEED)
 
 
-def _sheet(root: Path) -> tuple[tuple, list[str], list[tuple]]:
-    wb = load_workbook(root / "datasets.xlsx", read_only=True)
-    try:
-        assert wb.sheetnames == ["Sheet1"]
-        rows = [tuple(r) for r in wb["Sheet1"].iter_rows(values_only=True)]
-    finally:
-        wb.close()
-    return rows[0], [str(v) for v in rows[1]], rows[2:]
-
-
 def _records(root: Path) -> list[dict]:
-    _, names, rows = _sheet(root)
+    _, names, rows = read_sheet(root)
     idx = {
         k: next(i for i, n in enumerate(names) if n.startswith(p))
         for k, p in (
@@ -78,7 +68,7 @@ def _rects(doc: dict) -> list[dict]:
 
 def test_layout_and_sheet_columns(dataset: SynthResult) -> None:
     root = dataset.root
-    super_header, names, _ = _sheet(root)
+    super_header, names, _ = read_sheet(root)
     assert any(v for v in super_header)  # row 1 is a super-header, row 2 the column names
     assert names[:5] == [
         "Number",

@@ -10,7 +10,7 @@ One sheet row per image. Patients are runs of consecutive rows with the same (ge
 left and a right oblique, about 10 % only one view. About 0.75 % of rows have no image (at least one when
 ``n >= 50``), as in CSXA; they are the missing second view of a one-view patient.
 
-Images reuse the lateral generator's physical model and helpers (`trainer.synth`): soft tissue, mandible
+Images reuse the lateral generator's physical model and helpers (`trainer.synth.drawing`): soft tissue, mandible
 and skull base, C2-C7 bodies with cortical rims and cancellous texture, film grain, exposure, output
 modes, polarity and burned-in extras. On top of that an oblique view shows the posterior elements seen
 obliquely: pedicles as bright oval rings, the intervertebral foramina C2-3..C6-7 as dark ovals between
@@ -45,8 +45,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from trainer import synth as lat
-from trainer.synth import SynthResult
+from trainer.synth import drawing
+from trainer.synth.drawing import SynthResult
 
 __all__ = [
     "FORAMINA",
@@ -57,7 +57,7 @@ __all__ = [
     "synthesize_oblique",
 ]
 
-FORAMINA: tuple[str, ...] = lat.DISCS  # "C2-3" .. "C6-7"
+FORAMINA: tuple[str, ...] = drawing.DISCS  # "C2-3" .. "C6-7"
 ROI_LABEL = "cspine"
 
 SUPER_HEADER = ("Cervical oblique radiographs: basic information", "Foraminal stenosis (MRI-confirmed)")
@@ -87,7 +87,7 @@ class ObliquePatient:
     index: int
     gender: int
     age: int
-    anatomy: lat.Anatomy  # shared by both views (bodies, discs, curve)
+    anatomy: drawing.Anatomy  # shared by both views (bodies, discs, curve)
     degen_levels: tuple[int, ...]  # foramina that can narrow (patients with a positive view)
     degen_severity: float  # 0 when none
 
@@ -125,8 +125,8 @@ def _validate(n: Any, seed: Any, positive_fraction: Any, annotated_fraction: Any
         raise ValueError(f"n must be an integer number of images, got {n!r}")
     if n < 1:
         raise ValueError(f"n must be >= 1 (number of images), got {n}")
-    if n + lat._n_missing(int(n)) > lat.MAX_ROWS:
-        raise ValueError(f"n={n} is too large: the 4-digit Number allows at most {lat.MAX_ROWS} sheet rows")
+    if n + drawing.n_missing(int(n)) > drawing.MAX_ROWS:
+        raise ValueError(f"n={n} is too large: the 4-digit Number allows at most {drawing.MAX_ROWS} sheet rows")
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not _is_real(positive_fraction) or not 0.0 < float(positive_fraction) < 1.0:
@@ -135,15 +135,15 @@ def _validate(n: Any, seed: Any, positive_fraction: Any, annotated_fraction: Any
         raise ValueError(f"annotated_fraction must be between 0 and 1 (inclusive), got {annotated_fraction!r}")
 
 
-def _oblique_anatomy(rng: np.random.Generator, degenerate: bool) -> lat.Anatomy:
+def _oblique_anatomy(rng: np.random.Generator, degenerate: bool) -> drawing.Anatomy:
     """The lateral generator's anatomy seen at 45 degrees: bodies foreshortened, the curve flatter;
     older spines get small anterior osteophytes (either label: a confounder, not the finding)."""
-    anat = lat._sample_anatomy(rng, healthy=True)
-    lesions: list[lat.Lesion] = []
+    anat = drawing.sample_anatomy(rng, healthy=True)
+    lesions: list[drawing.Lesion] = []
     if rng.random() < (0.45 if degenerate else 0.2):
         for d in sorted(int(x) for x in rng.choice(5, size=int(rng.integers(1, 3)), replace=False)):
             lesions.append(
-                lat.Lesion(
+                drawing.Lesion(
                     disc=d,
                     narrowing=1.0,
                     spur_upper_ant=float(rng.uniform(0.08, 0.22)),
@@ -199,7 +199,7 @@ def _plan(
 
     # rows without image: the missing second view of one-view patients (or, failing that, a patient
     # whose single row has no image)
-    n_missing = lat._n_missing(n)
+    n_missing = drawing.n_missing(n)
     singles = [i for i, s in enumerate(sizes) if s == 1]
     phantom_of = (
         set(int(i) for i in rng.choice(singles, size=min(n_missing, len(singles)), replace=False)) if singles else set()
@@ -301,7 +301,7 @@ class Foramen:
 class ObliqueView:
     height: int
     width: int
-    spine: lat.Spine  # C2-C7 in canonical orientation (anterior = image-left)
+    spine: drawing.Spine  # C2-C7 in canonical orientation (anterior = image-left)
     foramina: tuple[Foramen, ...]
     box: tuple[float, float, float, float]  # canonical ROI box
     mm_per_px: float
@@ -357,7 +357,7 @@ def _foramen_params(rng: np.random.Generator, severity: float) -> dict[str, floa
     return prm
 
 
-def _foramen(level: int, severity: float, spine: lat.Spine, rng: np.random.Generator) -> Foramen:
+def _foramen(level: int, severity: float, spine: drawing.Spine, rng: np.random.Generator) -> Foramen:
     """Foramen between body `level` and `level + 1`, just posterior to the disc, bounded above and below
     by the pedicles (see `_pedicle_centre`)."""
     u = spine.u
@@ -426,8 +426,10 @@ def _level_severities(rng: np.random.Generator, patient: ObliquePatient, label: 
     return sev
 
 
-def _shift_view_parts(spine: lat.Spine, foramina: list[Foramen], shift: np.ndarray) -> tuple[lat.Spine, list[Foramen]]:
-    sp = lat._shift_spine(spine, shift)
+def _shift_view_parts(
+    spine: drawing.Spine, foramina: list[Foramen], shift: np.ndarray
+) -> tuple[drawing.Spine, list[Foramen]]:
+    sp = drawing.shift_spine(spine, shift)
     out = []
     for f in foramina:
         out.append(
@@ -443,7 +445,7 @@ def _shift_view_parts(spine: lat.Spine, foramina: list[Foramen], shift: np.ndarr
     return sp, out
 
 
-def _roi_points(spine: lat.Spine, foramina: Sequence[Foramen]) -> np.ndarray:
+def _roi_points(spine: drawing.Spine, foramina: Sequence[Foramen]) -> np.ndarray:
     return np.concatenate([spine.dens, *spine.outlines, *(f.base for f in foramina)])
 
 
@@ -452,11 +454,11 @@ def sample_oblique_view(rng: np.random.Generator, patient: ObliquePatient, row: 
     anat = patient.anatomy
     h = int(rng.integers(500, 1201))
     w = int(np.clip(round(h * rng.uniform(0.72, 1.08)), 500, 1200))
-    length = lat._spine_length_units(anat)
+    length = drawing.spine_length_units(anat)
     u = min(rng.uniform(0.46, 0.62) * h / length, w / 8.0)
     tilt = math.radians(rng.normal(4.0, 5.0))
     curve_scale = rng.uniform(0.85, 1.15)
-    spine = lat.build_spine(anat, u, np.zeros(2), tilt, curve_scale, rng)
+    spine = drawing.build_spine(anat, u, np.zeros(2), tilt, curve_scale, rng)
     sev = _level_severities(rng, patient, row.label)
     foramina = [_foramen(k, sev[k], spine, rng) for k in range(5)]
     # place the spine + posterior elements (they reach ~1.6 u behind the bodies) in the image
@@ -488,7 +490,7 @@ def sample_oblique_view(rng: np.random.Generator, patient: ObliquePatient, row: 
 # --------------------------------------------------------------------------------------------------
 
 
-def _pedicle_centre(spine: lat.Spine, i: int) -> np.ndarray:
+def _pedicle_centre(spine: drawing.Spine, i: int) -> np.ndarray:
     d, p = spine.axes(i)
     c = spine.corners[i]
     return c[1] + p * 0.43 * spine.u + d * 0.36 * spine.u
@@ -514,7 +516,7 @@ def _draw_posterior_oblique(att: np.ndarray, view: ObliqueView, rng: np.random.G
         c = sp.corners[i]
         a = c[1] + p * 1.35 * u - d * 0.05 * u
         q = np.array([a, a + p * 0.75 * u + d * 0.35 * u, a + p * 0.65 * u + d * 1.25 * u, a + d * 1.0 * u])
-        ol, _ = lat.rounded_outline(q, 0.15 * u, (0.04, 0.04, 0.04, 0.04))
+        ol, _ = drawing.rounded_outline(q, 0.15 * u, (0.04, 0.04, 0.04, 0.04))
         fill.append((ol, mu * rng.uniform(0.45, 0.6)))
     # the foraminal zone: uncovertebral region and pedicles, from the posterior walls backwards
     left, right = [], []
@@ -534,7 +536,7 @@ def _draw_posterior_oblique(att: np.ndarray, view: ObliqueView, rng: np.random.G
         a = c[1] + p * 0.78 * u - d * 0.1 * u
         wd = u * rng.uniform(0.6, 0.75)
         q = np.array([a, a + p * wd + d * 0.12 * u, a + p * wd * 0.95 + d * (hgt + 0.35 * u), a + d * (hgt + 0.2 * u)])
-        ol, _ = lat.rounded_outline(q, 0.18 * u, (0.05, 0.06, 0.05, 0.02))
+        ol, _ = drawing.rounded_outline(q, 0.18 * u, (0.05, 0.06, 0.05, 0.02))
         fill.append((ol, mu * rng.uniform(1.05, 1.25)))
         lines.append((ol, mu * 1.35, rim, True))
         if i < 5:
@@ -572,36 +574,36 @@ def _draw_posterior_oblique(att: np.ndarray, view: ObliqueView, rng: np.random.G
         over.append(_ellipse(cen, p * 0.2 * u, d * 0.16 * u, 18))
 
     allpts = np.concatenate([s for s, _ in fill])
-    box = lat._roi(allpts, 0.3 * u + 4, att.shape)
+    box = drawing.pixel_bounds(allpts, 0.3 * u + 4, att.shape)
     if box is None:
         return
     x0, y0, x1, y1 = box
     off = np.array([x0, y0], dtype=np.float64)
-    layer = np.zeros((y1 - y0, x1 - x0), np.float32)
+    layer: np.ndarray = np.zeros((y1 - y0, x1 - x0), np.float32)
     for poly, value in fill:
-        cv2.fillPoly(layer, [lat._fixed(poly, off)], float(value), cv2.LINE_8, lat._SHIFT)
+        cv2.fillPoly(layer, [drawing.fixed(poly, off)], float(value), cv2.LINE_8, drawing.SHIFT)
     for poly, value, th, closed in lines:
-        cv2.polylines(layer, [lat._fixed(poly, off)], closed, float(value), th, cv2.LINE_8, lat._SHIFT)
+        cv2.polylines(layer, [drawing.fixed(poly, off)], closed, float(value), th, cv2.LINE_8, drawing.SHIFT)
     for poly, value in spurs:
-        cv2.fillPoly(layer, [lat._fixed(poly, off)], float(value), cv2.LINE_8, lat._SHIFT)
+        cv2.fillPoly(layer, [drawing.fixed(poly, off)], float(value), cv2.LINE_8, drawing.SHIFT)
     for poly in holes:
-        cv2.fillPoly(layer, [lat._fixed(poly, off)], 0.0, cv2.LINE_8, lat._SHIFT)
+        cv2.fillPoly(layer, [drawing.fixed(poly, off)], 0.0, cv2.LINE_8, drawing.SHIFT)
     for f in view.foramina:
         cv2.polylines(
             layer,
-            [lat._fixed(f.outline, off)],
+            [drawing.fixed(f.outline, off)],
             True,
             float(mu * (1.45 + 0.2 * f.severity)),
             rim,
             cv2.LINE_8,
-            lat._SHIFT,
+            drawing.SHIFT,
         )
     for poly in over:
-        cv2.polylines(layer, [lat._fixed(poly, off)], True, float(mu * 0.55), rim, cv2.LINE_8, lat._SHIFT)
+        cv2.polylines(layer, [drawing.fixed(poly, off)], True, float(mu * 0.55), rim, cv2.LINE_8, drawing.SHIFT)
     tex = (
         1.0
-        + 0.12 * lat._lowres_noise(rng, layer.shape, max(2.0, 0.08 * u))
-        + 0.06 * lat._lowres_noise(rng, layer.shape, max(2.0, 0.4 * u))
+        + 0.12 * drawing.lowres_noise(rng, layer.shape, max(2.0, 0.08 * u))
+        + 0.06 * drawing.lowres_noise(rng, layer.shape, max(2.0, 0.4 * u))
     )
     layer = cv2.GaussianBlur(layer * tex, (0, 0), max(0.7, 0.045 * u))
     att[y0:y1, x0:x1] += layer
@@ -617,10 +619,10 @@ def _draw_lower(att: np.ndarray, view: ObliqueView, rng: np.random.Generator) ->
     q = np.array(
         [top - p * wdt / 2, top + p * wdt / 2, top + p * wdt / 2 + d * 1.1 * u, top - p * wdt / 2 + d * 1.1 * u]
     )
-    ol, _ = lat.rounded_outline(q, 0.14 * u, (0.0, -0.02, 0.02, -0.04))
+    ol, _ = drawing.rounded_outline(q, 0.14 * u, (0.0, -0.02, 0.02, -0.04))
     mu_t1 = rng.uniform(0.18, 0.28)
-    lat._stamp(att, [ol], mu_t1, sigma=0.05 * u)
-    lat._stamp(att, [ol], mu_t1 * 0.8, sigma=0.03 * u, thickness=max(1, int(0.06 * u)))
+    drawing.stamp(att, [ol], mu_t1, sigma=0.05 * u)
+    drawing.stamp(att, [ol], mu_t1 * 0.8, sigma=0.03 * u, thickness=max(1, int(0.06 * u)))
     # clavicle: a gently S-shaped band from low anterior (sternal end, thick) to higher posterior
     # (acromial end, flat and fainter)
     cen = (c7[0] + c7[2]) / 2
@@ -634,27 +636,27 @@ def _draw_lower(att: np.ndarray, view: ObliqueView, rng: np.random.Generator) ->
     half = u * (rng.uniform(0.3, 0.38) - 0.1 * t + 0.12 * np.clip((t - 0.8) / 0.2, 0, 1) ** 2)
     upper, lower = axis + nrm * half, axis - nrm * half
     mu_c = rng.uniform(0.12, 0.22)
-    lat._stamp(att, [np.concatenate([upper, lower[::-1]])], mu_c, sigma=0.1 * u)
+    drawing.stamp(att, [np.concatenate([upper, lower[::-1]])], mu_c, sigma=0.1 * u)
     for edge in (upper[:26], lower[:26]):
-        lat._stamp(att, [edge], mu_c * 0.6, sigma=0.05 * u, thickness=max(1, int(0.07 * u)))
+        drawing.stamp(att, [edge], mu_c * 0.6, sigma=0.05 * u, thickness=max(1, int(0.07 * u)))
     # first rib: an arc from T1 curving laterally and down
     t = np.linspace(math.radians(200), math.radians(330), 24)[:, None]
     rc = top + p * 0.8 * u + d * 2.2 * u
     arc = rc + np.hstack([np.cos(t) * 3.2 * u, -np.sin(t) * 1.8 * u]) * np.array([1.0, -1.0])
-    lat._stamp(att, [arc], rng.uniform(0.08, 0.16), sigma=0.08 * u, thickness=max(2, int(0.3 * u)))
+    drawing.stamp(att, [arc], rng.uniform(0.08, 0.16), sigma=0.08 * u, thickness=max(2, int(0.3 * u)))
 
 
-def _draw_mandible_oblique(att: np.ndarray, spine: lat.Spine, jaw: np.ndarray, rng: np.random.Generator) -> None:
+def _draw_mandible_oblique(att: np.ndarray, spine: drawing.Spine, jaw: np.ndarray, rng: np.random.Generator) -> None:
     """The far half of the mandible, projected lower and more anterior in an oblique view."""
     u = spine.u
     ang = jaw + np.array([rng.uniform(-1.4, -0.6) * u, rng.uniform(0.4, 1.2) * u])
-    border = lat._bezier(ang, ang + np.array([-1.8 * u, 0.5 * u]), ang + np.array([-4.5 * u, 0.2 * u]), 12)
-    ramus = lat._bezier(ang, ang + np.array([0.35 * u, -1.0 * u]), ang + np.array([0.1 * u, -2.8 * u]), 10)
+    border = drawing.bezier(ang, ang + np.array([-1.8 * u, 0.5 * u]), ang + np.array([-4.5 * u, 0.2 * u]), 12)
+    ramus = drawing.bezier(ang, ang + np.array([0.35 * u, -1.0 * u]), ang + np.array([0.1 * u, -2.8 * u]), 10)
     bone = np.concatenate([ramus[::-1], border[1:]])
     inner = bone + np.array([-0.3 * u, -0.4 * u])
     mu = rng.uniform(0.06, 0.13)
-    lat._stamp(att, [np.concatenate([bone, inner[::-1]])], mu, sigma=0.12 * u)
-    lat._stamp(att, [bone], mu * 1.3, sigma=0.05 * u, thickness=max(1, int(0.08 * u)))
+    drawing.stamp(att, [np.concatenate([bone, inner[::-1]])], mu, sigma=0.12 * u)
+    drawing.stamp(att, [bone], mu * 1.3, sigma=0.05 * u, thickness=max(1, int(0.08 * u)))
 
 
 def _collimate(
@@ -675,22 +677,22 @@ def render_oblique(view: ObliqueView, rng: np.random.Generator) -> np.ndarray:
     """Float32 image in [0, 1] (bright = bone) of one view in its written orientation (right obliques
     mirrored), before overlays and output mode."""
     h, w, sp, u = view.height, view.width, view.spine, view.spine.u
-    lview = lat.View(h, w, sp, view.mm_per_px)
-    jaw = lat._jaw_angle(rng, sp)
-    low = lat._soft_tissue(rng, lview, jaw, 4)
+    lview = drawing.View(h, w, sp, view.mm_per_px)
+    jaw = drawing.jaw_angle(rng, sp)
+    low = drawing.soft_tissue(rng, lview, jaw, 4)
     att = cv2.resize(low, (w, h), interpolation=cv2.INTER_LINEAR)
-    lat._draw_head_bones(att, sp, jaw, rng)
+    drawing.draw_head_bones(att, sp, jaw, rng)
     if rng.random() < 0.8:
         _draw_mandible_oblique(att, sp, jaw, rng)
     _draw_lower(att, view, rng)
     _draw_posterior_oblique(att, view, rng)
-    texture = lat._bone_texture(rng, sp, (h, w))
+    texture = drawing.bone_texture(rng, sp, (h, w))
     mu_body, mu_rim = rng.uniform(0.22, 0.32), rng.uniform(0.2, 0.32)
     rim_px = max(1.0, 0.06 * u * rng.uniform(0.8, 1.2))
     for i in range(6):
-        lat._draw_vertebra(att, texture, sp, i, mu_body * rng.uniform(0.93, 1.07), mu_rim, rim_px, rng)
-    img = 1.0 - cv2.exp(-att)
-    img += rng.uniform(0.012, 0.035) * (0.4 + img) * lat._grain(rng, (h, w))
+        drawing.draw_vertebra(att, texture, sp, i, mu_body * rng.uniform(0.93, 1.07), mu_rim, rim_px, rng)
+    img: np.ndarray = 1.0 - cv2.exp(-att)
+    img += rng.uniform(0.012, 0.035) * (0.4 + img) * drawing.grain(rng, (h, w))
     img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.6, 1.0) * max(1.0, u / 70))
     lo, hi = rng.uniform(-0.06, 0.06), rng.uniform(0.9, 1.02)
     img = cv2.pow(np.clip((img - lo) * (1.0 / (hi - lo)), 0, 1), rng.uniform(0.75, 1.3))
@@ -719,7 +721,7 @@ _TEXTS = (
 )
 
 
-def _overlay(rng: np.random.Generator, h: int, w: int, view: str, mm_per_px: float, style: lat.Style) -> np.ndarray:
+def _overlay(rng: np.random.Generator, h: int, w: int, view: str, mm_per_px: float, style: drawing.Style) -> np.ndarray:
     """Burned-in side marker ("L"/"R", ~55 %), some text and rulers (uint8 mask, 255 = burned in)."""
     m = np.zeros((h, w), np.uint8)
     scale = max(h, w) / 900
@@ -749,7 +751,7 @@ def _overlay(rng: np.random.Generator, h: int, w: int, view: str, mm_per_px: flo
             y_next = y - th - 10  # stacked upwards, never on top of each other
             cv2.putText(m, s, (x, y), font, fs, 255, thick, cv2.LINE_AA)
     if style.ruler:
-        lat._draw_ruler(m, rng, mm_per_px)
+        drawing.draw_ruler(m, rng, mm_per_px)
     return m
 
 
@@ -911,8 +913,8 @@ def synthesize_oblique(
     png_dir, json_dir = out / "datasets-PNG", out / "datasets-JSON"
     _, rows = _plan(n, seed, float(positive_fraction), float(annotated_fraction))
     img_rows = [r for r in rows if r.has_image]
-    lat._check_no_foreign_files(png_dir, {f"{r.file_id}.png" for r in img_rows})
-    lat._check_no_foreign_files(json_dir, {f"{r.file_id}.json" for r in img_rows if r.json_kind != "none"})
+    drawing.check_no_foreign_files(png_dir, {f"{r.file_id}.png" for r in img_rows})
+    drawing.check_no_foreign_files(json_dir, {f"{r.file_id}.json" for r in img_rows if r.json_kind != "none"})
     png_dir.mkdir(parents=True, exist_ok=True)
     json_dir.mkdir(parents=True, exist_ok=True)
 
@@ -930,10 +932,10 @@ def synthesize_oblique(
             if not row.has_image:
                 continue
             rng = np.random.default_rng([seed, _STREAM_RENDER, row.number])
-            style = lat.sample_style(rng)
+            style = drawing.sample_style(rng)
             img = render_oblique(view, rng)
             ov = _overlay(rng, view.height, view.width, row.view, view.mm_per_px, style)
-            lat.write_png(png_dir / f"{row.file_id}.png", lat.encode(img, ov, style), style.mode)
+            drawing.write_png(png_dir / f"{row.file_id}.png", drawing.encode(img, ov, style), style.mode)
             if row.json_kind != "none":
                 doc = _labelme(row, view, rect, grng)
                 (json_dir / f"{row.file_id}.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")

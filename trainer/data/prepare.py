@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,14 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from screener.engine import preprocessing as pp
 from trainer.augment import Augment, augment
-from trainer.csxa import LoadReport, Sample
-
-# Progress bars redraw often on a terminal, rarely when stderr goes to a file (CI logs).
-_TQDM_INTERVAL = 0.5 if sys.stderr.isatty() else 30.0
+from trainer.data.csxa import LoadReport, Sample
+from trainer.progress import bar as progress_bar
 
 
 def image_mode(img: np.ndarray) -> str:
@@ -48,14 +44,7 @@ def prepare_samples(
     kept: list[Sample] = []
     arrays: list[np.ndarray] = []
     modes: Counter[str] = Counter()
-    for s in tqdm(
-        samples,
-        desc=f"preprocess {rcp.name}",
-        unit="img",
-        disable=not progress,
-        leave=False,
-        mininterval=_TQDM_INTERVAL,
-    ):
+    for s in progress_bar(samples, f"preprocess {rcp.name}", "img", progress):
         try:
             gray, mode = read_gray8(s.image_path)
             box = sample_box(s)
@@ -86,30 +75,40 @@ def fingerprint(samples: Sequence[Any], root: Path) -> str:
     return h.hexdigest()
 
 
-class PreparedDataset(Dataset):
-    """Prepared uint8 images -> normalized tensors, with optional augmentation."""
+class StoredImages(Dataset):
+    """Images prepared once, normalized per item; the training loop sets `epoch`, so each
+    (seed, epoch, item) draws its own reproducible augmentation (`rng`)."""
 
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: Sequence[int],
-        norm: pp.Normalization,
-        aug: Augment | None = None,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, images: np.ndarray, norm: pp.Normalization, seed: int = 0) -> None:
         self.images = images
-        self.labels = np.asarray(labels, dtype=np.int64)
         self.norm = norm
-        self.aug = aug
         self.seed = seed
         self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng((self.seed, self.epoch, i))
+
+
+class PreparedDataset(StoredImages):
+    """Prepared uint8 images -> normalized tensors, with optional augmentation."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: Sequence[int] | np.ndarray,
+        norm: pp.Normalization,
+        aug: Augment | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(images, norm, seed)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.aug = aug
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.images[i]
         if self.aug is not None:
-            rng = np.random.default_rng((self.seed, self.epoch, i))
-            img = augment(img, rng, self.aug)
+            img = augment(img, self.rng(i), self.aug)
         return torch.from_numpy(pp.normalize(img, self.norm)), int(self.labels[i])

@@ -1,6 +1,6 @@
 """Reader for the oblique-view layout (docs/stenosis-data.md): foraminal stenosis and the oblique ROI.
 
-Like `trainer.csxa.load`, with one sheet row per image: images found recursively and joined to the
+Like `trainer.data.csxa.load`, with one sheet row per image: images found recursively and joined to the
 sheet on the first four digits of the 7-character stem, the super-header row skipped, columns matched
 by prefix (Number, Gender, Age, View, Stenosis), rows without images counted, patients grouped by
 consecutive rows with the same gender and age (a patient's left and right obliques share a group).
@@ -20,7 +20,7 @@ from typing import Any
 
 from screener.errors import DataError
 from screener.logs import get_logger
-from trainer.csxa import (
+from trainer.data.csxa import (
     LoadReport,
     as_int,
     find_sheet,
@@ -29,7 +29,7 @@ from trainer.csxa import (
     read_sheet,
     report_images_without_row,
 )
-from trainer.csxa import match_columns as csxa_match_columns
+from trainer.data.csxa import match_columns as csxa_match_columns
 
 log = get_logger(__name__)
 
