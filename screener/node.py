@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from screener import __version__, metrics
 from screener.config import Settings
 from screener.engine.runtime import LoadedEngine, load_engine
-from screener.errors import ManifestError, UserError
+from screener.errors import ManifestError, UserError, safe_reason
 from screener.logs import get_logger
 from screener.screening import ImageOutcome, Screener
 from screener.store import InstanceResult, OutboxRow, Picked, SRInfo, Store, crash
@@ -418,7 +418,7 @@ class Node:
         try:
             info, data = self.build_sr(screened, refs, number)
         except Exception as exc:  # noqa: BLE001 - any failure to build the SR is terminal, with a reason
-            reason = f"SR could not be built ({type(exc).__name__})"
+            reason = safe_reason(exc, "SR could not be built")  # type, attribute keyword; never a value
             log.error("sr_failed", study_uid=uid, **exc_fields(exc))
             if self.store.finish_study(uid, results, None, [], reason=reason, failed=True):
                 metrics.study_finished("failed")
@@ -446,7 +446,7 @@ class Node:
             findings=sum(len(r.results) for r in results),
         )
 
-    def _write_companions(self, screened: list[ImageOutcome], sr_data: bytes, folder: Path) -> list[str]:
+    def _write_companions(self, screened: list[ImageOutcome], sr_data: Any, folder: Path) -> list[str]:
         """Secondary Capture / GSPS companions of the SR (``report.companion``), written next to it and
         delivered after it (same SR id in the outbox); relative paths. One that cannot be built is
         left out (logged): the SR is the result."""
@@ -460,7 +460,7 @@ class Node:
         from screener.dicom.companion import companion_files
 
         try:
-            sr = pydicom.dcmread(io.BytesIO(sr_data))
+            sr = pydicom.dcmread(io.BytesIO(sr_data)) if isinstance(sr_data, bytes) else sr_data
             sources = {o.sop_instance_uid: o.path for o in screened if o.results}
             files = companion_files(
                 kind, findings_for(screened, self.engines), sr, sources, software_version=__version__

@@ -617,19 +617,42 @@ class Store:
         reason: str = "",
         *,
         expect: Iterable[str] | None = None,
+        sr_path: str | None = None,
+        sr_sop_instance_uid: str | None = None,
     ) -> bool:
         """Move a study to `state`. With `expect`, only if the current state is one of those
         (compare-and-set). Returns False when the study is unknown or not in an expected state.
-        The node's own transitions use the dedicated methods below, which carry their side effects."""
+        The node's own transitions use the dedicated methods below, which carry their side effects;
+        `sr_path` / `sr_sop_instance_uid` (the former API, kept for fixtures) record a new current SR."""
         _check(state, STUDY_STATES, "study")
         now = self._now()
         with self._tx() as c:
-            row = c.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+            row = c.execute("SELECT state, sr_count FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
             if row is None:
                 return False
             allowed = tuple(expect) if expect is not None else (row["state"],)
             if not self._cas_study(c, now, study_uid, allowed, state, reason):
                 return False
+            if sr_path is not None:
+                c.execute(
+                    "UPDATE srs SET state = 'superseded', updated_at = ? WHERE study_uid = ? AND state = 'current'",
+                    (now, study_uid),
+                )
+                number = int(row["sr_count"]) + 1
+                cur = c.execute(
+                    "INSERT INTO srs (study_uid, sop_instance_uid, path, instance_number, state, created_at,"
+                    " updated_at) VALUES (?, ?, ?, ?, 'current', ?, ?)",
+                    (study_uid, sr_sop_instance_uid or "", sr_path, number, now, now),
+                )
+                c.execute(
+                    "UPDATE studies SET sr_id = ?, sr_count = ?, sr_path = ?, sr_sop_instance_uid = ?"
+                    " WHERE study_uid = ?",
+                    (cur.lastrowid, number, sr_path, sr_sop_instance_uid, study_uid),
+                )
+                c.execute(
+                    "UPDATE instances SET sr_id = ? WHERE study_uid = ? AND state IN ('screened', 'reported')",
+                    (cur.lastrowid, study_uid),
+                )
         log.info("study_state", study_uid=study_uid, state=state, previous=row["state"], reason=reason)
         return True
 
@@ -1140,12 +1163,12 @@ class Store:
                             r[0]
                             for r in c.execute(
                                 "SELECT sop_instance_uid FROM instances WHERE study_uid = ? AND sr_id IS ?"
-                                " AND state = 'reported'",
+                                " AND state IN ('reported', 'screened')",
                                 (study_uid, row["sr_id"]),
                             ).fetchall()
                         ]
                         for uid in moved:
-                            self._cas_instance(c, wall, uid, ("reported",), "sent", "")
+                            self._cas_instance(c, wall, uid, ("reported", "screened"), "sent", "")
         state = "sent" if cur.rowcount == 1 else row["state"]
         log.info("outbox_state", outbox_id=outbox_id, study_uid=study_uid, destination=row["destination"], state=state)
         if study_done:
@@ -1190,6 +1213,18 @@ class Store:
         )
         if failed_study:
             log.warning("study_state", study_uid=row["study_uid"], state="failed", reason=reason)
+
+    def mark_attempt_failed(self, outbox_id: int, error: str, next_try_at: float, give_up: bool) -> None:
+        """The former API (kept for fixtures): count an attempt, retry at wall-clock `next_try_at`
+        (converted to the node clock) or give up. The node uses `claim_send` + `send_failed`."""
+        delay = max(0.0, next_try_at - self._now())
+        with self._tx() as c:
+            c.execute(
+                "UPDATE outbox SET attempts = attempts + 1, due_nt = ?, next_try_at = ?, updated_at = ?"
+                " WHERE id = ? AND state = 'pending'",
+                (self.node_time() + delay, next_try_at, self._now(), outbox_id),
+            )
+        self.send_failed(outbox_id, error, give_up)
 
     def resend(self, study_uid: str | None = None) -> int:
         """`screener resend`, in one transaction: failed deliveries of a study's *current* SR go back to

@@ -104,6 +104,12 @@ def test_crash_at_point_then_recover(point, tmp_path, built, engines_dir):
         assert wait_until(lambda: quiescent(var), 60, alive=lambda: node.alive), "\n".join(node.lines[-20:])
         mod.send(late, node.port)
         assert wait_until(lambda: quiescent(var), 60, alive=lambda: node.alive), "\n".join(node.lines[-20:])
+
+        def no_superseded_file_left() -> bool:
+            with read_store(var) as s:
+                return all(r.state != "superseded" for r in s.srs_of(study_a))
+
+        assert wait_until(no_superseded_file_left, 30, alive=lambda: node.alive)  # the next retention pass
         assert node.terminate(30) == 0  # graceful stop
     finally:
         node.kill()
