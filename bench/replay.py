@@ -87,12 +87,12 @@ def engines_only_rate(screener: Screener, sources: list[Path], n: int, batch: in
             x = np.concatenate([u8] * (n // len(u8) + 1))[:n]
             mean, std = m.normalization.mean, m.normalization.std
 
-            def run(chunk: np.ndarray, f=on_device, mean=mean, std=std) -> object:  # type: ignore[misc]
+            def run(chunk: np.ndarray, f=on_device, mean=mean, std=std) -> object:
                 return f(chunk, mean, std)
         else:
             x_all = pp.normalize_batch(np.stack(imgs), m.normalization)
             x = np.concatenate([x_all] * (n // len(x_all) + 1))[:n]
-            run = eng.predict
+            run = eng.predict  # type: ignore[assignment]
         run(x[:batch])  # warm-up
         t0 = time.perf_counter()
         for i in range(0, n, batch):

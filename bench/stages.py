@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -69,7 +70,7 @@ def measure(paths: list[Path], engines: dict, batch: int, tmp: Path) -> dict[str
         headers.append(ds)
     classifiers = {n: e for n, e in engines.items() if e.manifest.kind == "classifier"}
     roi = engines.get("roi")
-    boxes = [None] * len(grays)
+    boxes: list[Any] = [None] * len(grays)
     if roi is not None and any(e.manifest.preprocessing.needs_box for e in classifiers.values()):
         from screener.engine.roi import box_from_output
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -115,7 +116,11 @@ def cmd_serve(settings: config.Settings) -> int:
     try:
         node.wait(stop)
     finally:
-        node.stop()
+        # Stop accepting first, finish the batch in flight, within schedule.stop_timeout_s.
+        clean = node.stop()
+    if not clean:
+        sys.stderr.flush()
+        os._exit(0)  # a job is still busy: everything committed is durable, the rest resumes at start
     return 0
 
 
@@ -134,6 +139,10 @@ def cmd_status(settings: config.Settings) -> int:
             for kind, per_state in counts.items():
                 line = ", ".join(f"{k} {v}" for k, v in sorted(per_state.items())) or "none"
                 print(f"{kind}: {line}")
+            problems = store.check_invariants()
+            print("state machine invariants: " + ("ok" if not problems else f"{len(problems)} VIOLATED"))
+            for line in problems[:20]:
+                print(f"  {line}")
             failures = store.failures(20)
             if failures:
                 print("failures:")
@@ -164,13 +173,10 @@ def cmd_resend(settings: config.Settings, uids: list[str]) -> int:
 
     store = Store.open(Path(settings.node.var_dir), recover=False)
     try:
-        n = 0
-        for uid in uids or [None]:
-            n += store.requeue_failed(uid)
-            for st in store.studies_in("failed"):
-                if (uid is None or st.study_uid == uid) and not st.sr_path:
-                    store.set_study_state(st.study_uid, "complete", "re-queued by screener resend")
-                    n += 1
+        # One transaction per study: the current SR's failed deliveries again, a superseded SR's never,
+        # a study that failed before its SR back to screening (docs/state-machine.md).
+        targets: list[str | None] = list(uids) or [None]
+        n = sum(store.resend(uid) for uid in targets)
     finally:
         store.close()
     print(f"re-queued {n} item(s); a running node picks them up on its next pass")

@@ -119,6 +119,15 @@ class ScheduleSettings:
     send_retries: int = 5
     send_backoff_s: float = 30.0
     retention_days: int = 30
+    # State machine (docs/state-machine.md): a study whose screening did not finish this many times
+    # (the process died or the job raised) is quarantined: failed, with the reason.
+    screen_attempts: int = 3
+    # Wait before screening a study again after an error of the node's environment (disk full).
+    screen_retry_s: float = 30.0
+    # Retention runs within 30 s of the start, then every retention_interval_s.
+    retention_interval_s: float = 3600.0
+    # Graceful stop (SIGTERM): the batch in flight gets this long; keep systemd's TimeoutStopSec above it.
+    stop_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         _check_number("schedule", "study_stable_s", self.study_stable_s, minimum=0, maximum=7 * 86400)
@@ -127,6 +136,10 @@ class ScheduleSettings:
         _check_number("schedule", "send_retries", self.send_retries, minimum=0)
         _check_number("schedule", "send_backoff_s", self.send_backoff_s, minimum=0, above=True, maximum=86400)
         _check_number("schedule", "retention_days", self.retention_days, minimum=0)
+        _check_number("schedule", "screen_attempts", self.screen_attempts, minimum=1)
+        _check_number("schedule", "screen_retry_s", self.screen_retry_s, minimum=0, maximum=86400)
+        _check_number("schedule", "retention_interval_s", self.retention_interval_s, minimum=0, above=True)
+        _check_number("schedule", "stop_timeout_s", self.stop_timeout_s, minimum=0, above=True, maximum=86400)
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ class Normalization:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normalization:
-        return cls(tuple(data["mean"]), tuple(data["std"]), data.get("source", ""))  # type: ignore[arg-type]
+        return cls(tuple(data["mean"]), tuple(data["std"]), data.get("source", ""))
 
 
 IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet")

@@ -1,7 +1,8 @@
 """Durable state: the spool folder and the SQLite database.
 
 ``schema`` holds the migrations and the typed rows, ``files`` the one atomic-file writer, ``store``
-the `Store` (its module docstring is the durability contract)."""
+the `Store` (its module docstring is the durability contract), ``crash`` the named crash points.
+The state machine: docs/state-machine.md."""
 
 from screener.store.files import atomic_write, fsync_dir
 from screener.store.schema import (
@@ -10,21 +11,26 @@ from screener.store.schema import (
     FINDINGS,
     INSTANCE_STATES,
     LOCK_NAME,
+    MIGRATIONS_V1_FOR_TESTS,
     OUTBOX_STATES,
     SCHEMA_VERSION,
     SPOOL_NAME,
+    SR_STATES,
     STUDY_STATES,
     EventRow,
     Failure,
+    InstanceResult,
     InstanceRow,
     OutboxRow,
     ResultRow,
+    SRInfo,
+    SRRow,
     StoreError,
     StoreOutcome,
     StudyRow,
     is_valid_uid,
 )
-from screener.store.store import Store
+from screener.store.store import Picked, RecoveryStats, RetentionStats, Store
 
 __all__ = [
     "Store",
@@ -48,4 +54,12 @@ __all__ = [
     "EventRow",
     "Failure",
     "StoreOutcome",
+    "SR_STATES",
+    "MIGRATIONS_V1_FOR_TESTS",
+    "SRRow",
+    "SRInfo",
+    "InstanceResult",
+    "Picked",
+    "RetentionStats",
+    "RecoveryStats",
 ]

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import threading
 import time
 
 import pydicom
@@ -156,3 +157,45 @@ def test_bad_inputs_keep_node_serving(tmp_path, engines_dir, study):
         assert send_images(images[:1], node.port) == [0]
     finally:
         node.stop()
+
+
+class SlowSCP(CollectingSCP):
+    """A destination that takes its time to answer each C-STORE (the SR stays on the wire)."""
+
+    def __init__(self, delay_s: float = 2.0) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.storing = threading.Event()
+
+    def _on_store(self, event):
+        self.storing.set()
+        time.sleep(self.delay_s)
+        return super()._on_store(event)
+
+
+def test_late_image_while_sr_on_the_wire_is_reported(tmp_path, built, engines_dir, study):
+    """Issue 9 item 1, deterministic with a slow destination: the late image's study is reopened, the
+    SR on the wire finishes without touching it, a second SR (predecessor, instance number 2) follows."""
+    ids, (lateral, *_) = study
+    images = [lateral, make_dx(synth_gray(built[0].data, 3), ids, "LL", instance_number=4, series_number=4)]
+    scp = SlowSCP().start()
+    node = Node(node_settings(tmp_path / "var", engines_dir, [scp.destination]))
+    node.start()
+    try:
+        assert send_images(images[:1], node.port) == [0]
+        assert scp.storing.wait(60), "no SR sent"
+        assert send_images(images[1:2], node.port) == [0]  # while the first SR is on the wire
+        first, second = scp.wait_for(2, 90)
+        deadline = time.time() + 30
+        while node.store.get_study(ids["StudyInstanceUID"]).state != "sent" and time.time() < deadline:
+            time.sleep(0.1)
+        study_row = node.store.get_study(ids["StudyInstanceUID"])
+        assert study_row.state == "sent" and node.store.check_invariants() == []
+        assert {node.store.get_instance(im.SOPInstanceUID).state for im in images[:2]} == {"sent"}
+    finally:
+        node.stop()
+        scp.stop()
+    assert {r["source_sop_instance_uid"] for r in summarize(second)} == {im.SOPInstanceUID for im in images[:2]}
+    assert int(second.InstanceNumber) == 2 and str(second.SOPInstanceUID) == study_row.sr_sop_instance_uid
+    pred = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert pred.ReferencedSOPInstanceUID == first.SOPInstanceUID

@@ -120,7 +120,6 @@ def test_memory_bomb_fails_that_image(tiny_engine, dx_folder, tmp_path):
     from pydicom.uid import RLELossless
 
     from screener.config import LimitSettings
-
     from tests.pipeline.conftest import gray_image
     from tests.support.dicom_factory import make_dx, make_study_ids
 

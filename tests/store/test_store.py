@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from structlog.testing import capture_logs
 
-from screener.store import SCHEMA_VERSION, Store, StoreError, is_valid_uid
+from screener.store import SCHEMA_VERSION, InstanceResult, SRInfo, Store, StoreError, is_valid_uid
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -66,7 +66,7 @@ def clock():
 
 @pytest.fixture
 def store(tmp_path, clock):
-    s = Store.open(tmp_path / "var", clock=clock)
+    s = Store.open(tmp_path / "var", clock=clock, monotonic=clock)
     yield s
     s.close()
 
@@ -116,7 +116,7 @@ def test_invalid_uid_refused(store):
 
 def test_reopen_keeps_everything(tmp_path, clock):
     var = tmp_path / "var"
-    s = Store.open(var, clock=clock)
+    s = Store.open(var, clock=clock, monotonic=clock)
     sops = [generate_uid() for _ in range(3)]
     for sop in sops:
         put(s, sop)
@@ -133,7 +133,7 @@ def test_reopen_keeps_everything(tmp_path, clock):
     )
     oid = s.enqueue(STUDY, "PACS@127.0.0.1:104", "sr/x.dcm")
     s.close()
-    s2 = Store.open(var, clock=clock)
+    s2 = Store.open(var, clock=clock, monotonic=clock)
     try:
         assert {i.sop_instance_uid for i in s2.instances_of(STUDY)} == set(sops)
         assert s2.get_study(STUDY).n_instances == 3
@@ -148,7 +148,7 @@ def test_reopen_keeps_everything(tmp_path, clock):
 
 def test_recovery_removes_part_and_unacknowledged_files(tmp_path, clock):
     var = tmp_path / "var"
-    s = Store.open(var, clock=clock)
+    s = Store.open(var, clock=clock, monotonic=clock)
     kept = generate_uid()
     put(s, kept)
     s.set_study_state(STUDY, "screening")
@@ -159,7 +159,7 @@ def test_recovery_removes_part_and_unacknowledged_files(tmp_path, clock):
     (var / "spool" / "1.2.99").mkdir()
     (var / "spool" / "1.2.99" / "1.2.5.dcm.x.part").write_bytes(b"x")
     with capture_logs() as logs:
-        s2 = Store.open(var, clock=clock)
+        s2 = Store.open(var, clock=clock, monotonic=clock)
     try:
         assert sorted(p.name for p in folder.iterdir()) == [f"{kept}.dcm"]
         assert not (var / "spool" / "1.2.99").exists()
@@ -172,23 +172,23 @@ def test_recovery_removes_part_and_unacknowledged_files(tmp_path, clock):
 
 def test_missing_spool_file_marks_instance_failed(tmp_path, clock):
     var = tmp_path / "var"
-    s = Store.open(var, clock=clock)
+    s = Store.open(var, clock=clock, monotonic=clock)
     sop = generate_uid()
     out = put(s, sop)
     s.close()
     out.path.unlink()
-    with Store.open(var, clock=clock) as s2:
+    with Store.open(var, clock=clock, monotonic=clock) as s2:
         row = s2.get_instance(sop)
         assert row.state == "failed" and "missing" in row.reason
 
 
 def test_second_process_is_not_owner_and_skips_recovery(tmp_path, clock):
     var = tmp_path / "var"
-    with Store.open(var, clock=clock) as owner:
+    with Store.open(var, clock=clock, monotonic=clock) as owner:
         put(owner, generate_uid())
         stray = var / "spool" / STUDY / "9.9.dcm.zz.part"
         stray.write_bytes(b"in flight")
-        with Store.open(var, clock=clock) as other:
+        with Store.open(var, clock=clock, monotonic=clock) as other:
             assert owner.owner and not other.owner
             assert stray.exists()  # an in-flight write of the running node is left alone
             assert other.counts()["instances"]["received"] == 1
@@ -271,14 +271,17 @@ def test_concurrent_stores(store):
 def test_study_completion_after_stable_time(store, clock):
     put(store, generate_uid())
     put(store, generate_uid(), study_uid=STUDY2)
-    t0 = clock.t
-    assert store.complete_studies(60, now=t0 + 59) == []
-    clock.t = t0 + 30
+    assert store.complete_studies(60) == []
+    clock.t += 30
     put(store, generate_uid(), study_uid=STUDY2)  # STUDY2 still receiving: timer restarts
-    assert store.complete_studies(60, now=t0 + 60) == [STUDY]
+    clock.t += 29
+    assert store.complete_studies(60) == []
+    clock.t += 1
+    assert store.complete_studies(60) == [STUDY]
     assert store.get_study(STUDY).state == "complete"
     assert store.get_study(STUDY2).state == "receiving"
-    assert store.complete_studies(60, now=t0 + 90) == [STUDY2]
+    clock.t += 30
+    assert store.complete_studies(60) == [STUDY2]
     assert [s.study_uid for s in store.studies_in("complete")] == [STUDY, STUDY2]
 
 
@@ -297,12 +300,12 @@ def test_force_complete_and_compare_and_set(store):
 
 def test_screening_goes_back_to_complete_on_reopen(tmp_path, clock):
     var = tmp_path / "var"
-    s = Store.open(var, clock=clock)
+    s = Store.open(var, clock=clock, monotonic=clock)
     put(s, generate_uid())
     s.force_complete(STUDY)
     s.set_study_state(STUDY, "screening")
     s.close()
-    with Store.open(var, clock=clock) as s2:
+    with Store.open(var, clock=clock, monotonic=clock) as s2:
         assert s2.get_study(STUDY).state == "complete"
         assert s2.events_of(STUDY)[-1].detail.startswith("restart")
 
@@ -318,56 +321,71 @@ def test_results_replace_on_rescreen(store):
         store.record_result(sop, "x", "1", "b", 0.5, "maybe", 0.5)
 
 
-def _reported_study(store) -> str:
+def _reported_study(store, destinations=("PACS@127.0.0.1:104",), study=STUDY) -> str:
+    """A study taken through the node's transitions up to reported (SR file written)."""
     sop = generate_uid()
-    put(store, sop)
-    store.set_instance_state(sop, "reported")
-    store.set_study_state(STUDY, "reported", sr_path="sr/a.dcm", sr_sop_instance_uid="1.2.3.9")
+    put(store, sop, study_uid=study)
+    assert store.force_complete(study)
+    (p,) = store.pick_for_screening(32, 3)
+    sr_uid = generate_uid()
+    rel = store.sr_rel_path(study, sr_uid)
+    store.abs_path(rel).parent.mkdir(parents=True, exist_ok=True)
+    store.abs_path(rel).write_bytes(b"sr")
+    info = SRInfo(sr_uid, study + ".9", "1.2.840.10008.5.1.4.1.1.88.34", p.sr_count + 1, rel)
+    outcomes = [InstanceResult(i.sop_instance_uid, "reported") for i in p.instances]
+    assert store.finish_study(study, outcomes, info, list(destinations)) == "reported"
     return sop
 
 
 def test_outbox_retry_then_sent(store, clock):
     sop = _reported_study(store)
-    dest = "PACS@127.0.0.1:104"
-    oid = store.enqueue(STUDY, dest, "sr/a.dcm")
-    assert store.enqueue(STUDY, dest, "sr/a.dcm") == oid  # idempotent
-    assert [o.id for o in store.due_outbox()] == [oid]
-    store.mark_attempt_failed(oid, "connection refused", next_try_at=clock.t + 30, give_up=False)
-    assert store.due_outbox(now=clock.t + 29) == []
-    (o,) = store.due_outbox(now=clock.t + 30)
+    (o,) = store.due_outbox()
+    assert store.get_study(STUDY).state == "reported" and store.get_instance(sop).state == "reported"
+    claimed = store.claim_send(o.id, backoff_s=30)
+    assert claimed.attempts == 1 and store.due_outbox() == []  # next try scheduled before sending
+    store.send_failed(o.id, "connection refused", give_up=False)
+    clock.t += 29
+    assert store.due_outbox() == []
+    clock.t += 1
+    (o,) = store.due_outbox()
     assert o.attempts == 1 and o.last_error == "connection refused" and o.state == "pending"
-    assert store.mark_sent(oid)
-    assert store.get_outbox(oid).state == "sent"
+    assert store.claim_send(o.id, backoff_s=30).attempts == 2
+    clock.t += 59
+    assert store.due_outbox() == []  # 30 s x 2
+    assert store.mark_sent(o.id)
+    assert store.get_outbox(o.id).state == "sent"
     assert store.get_study(STUDY).state == "sent"
     assert store.get_instance(sop).state == "sent"
-    assert store.get_study(STUDY).sr_sop_instance_uid == "1.2.3.9"
+    assert store.check_invariants() == []
 
 
 def test_outbox_study_sent_only_when_all_destinations_sent(store):
-    _reported_study(store)
-    a = store.enqueue(STUDY, "A@h:1", "sr/a.dcm")
-    b = store.enqueue(STUDY, "B@h:2", "sr/a.dcm")
-    assert not store.mark_sent(a)
+    _reported_study(store, destinations=("A@h:1", "B@h:2"))
+    a, b = store.outbox_of(STUDY)
+    assert not store.mark_sent(a.id)
     assert store.get_study(STUDY).state == "reported"
-    assert store.mark_sent(b)
+    assert store.mark_sent(b.id)
 
 
 def test_outbox_give_up_and_requeue(store, clock):
-    _reported_study(store)
-    oid = store.enqueue(STUDY, "PACS@10.0.0.1:104", "sr/a.dcm")
-    store.mark_attempt_failed(oid, "timeout", next_try_at=clock.t + 1, give_up=True)
-    assert store.get_outbox(oid).state == "failed"
+    _reported_study(store, destinations=("PACS@10.0.0.1:104",))
+    (o,) = store.outbox_of(STUDY)
+    store.claim_send(o.id, 1)
+    store.send_failed(o.id, "timeout", give_up=True)
+    assert store.get_outbox(o.id).state == "failed"
     study = store.get_study(STUDY)
     assert study.state == "failed" and "timeout" in study.reason and "PACS@10.0.0.1:104" in study.reason
-    assert store.due_outbox(now=clock.t + 100) == []
+    clock.t += 100
+    assert store.due_outbox() == []
     fails = store.failures(10)
     assert {(f.kind, f.uid) for f in fails} == {("study", STUDY), ("outbox", STUDY)}
     assert store.counts()["outbox"]["failed"] == 1
-    assert store.requeue_failed() == 1
+    assert store.resend() == 1
     assert store.get_study(STUDY).state == "reported"
     (o,) = store.due_outbox()
-    assert o.id == oid and o.attempts == 0 and o.state == "pending"
-    assert store.requeue_failed() == 0
+    assert o.attempts == 0 and o.state == "pending"
+    assert store.resend() == 0
+    assert store.check_invariants() == []
 
 
 def test_counts(store):
@@ -383,18 +401,16 @@ def test_counts(store):
 
 
 def test_retention_deletes_old_sent_studies(store, clock):
-    sop = _reported_study(store)  # sr_path "sr/a.dcm"
-    sr = store.var_dir / "sr" / "a.dcm"
-    sr.parent.mkdir()
-    sr.write_bytes(b"sr")
-    store.record_result(sop, "spondylosis", "1", "onnx-fp32", 0.7, "present", 0.5)
-    oid = store.enqueue(STUDY, "A@h:1", "sr/a.dcm")
-    store.mark_sent(oid)
+    sop = _reported_study(store, destinations=("A@h:1",))
+    sr = store.abs_path(store.get_study(STUDY).sr_path)
+    (o,) = store.outbox_of(STUDY)
+    store.mark_sent(o.id)
     other = generate_uid()
     put(store, other, study_uid=STUDY2)  # receiving: never purged
     path = store.abs_path(store.get_instance(sop).path)
-    assert store.retention(30, now=clock.t + 29 * 86400) == 0
-    assert store.retention(30, now=clock.t + 31 * 86400) == 1
+    assert store.retention(30, now=clock.t + 29 * 86400).instances == 0
+    stats = store.retention(30, now=clock.t + 31 * 86400)
+    assert (stats.instances, stats.studies, stats.sr_files) == (1, 1, 1)
     assert not path.exists() and not path.parent.exists()
     assert not sr.exists() and store.var_dir.is_dir() and store.spool_dir.is_dir()
     assert store.get_study(STUDY) is None and store.get_instance(sop) is None
