@@ -305,7 +305,9 @@ class Node:
             log.warning("node_stop_timeout", busy=busy, timeout_s=timeout_s)
             return False
         self._threads = []
-        self.screener.close()  # the decode workers: no process outlives the node
+        close = getattr(self.screener, "close", None)  # the decode workers: no process outlives the node
+        if callable(close):
+            close()
         self.store.close()
         log.info("node_stopped")
         return True

@@ -83,13 +83,12 @@ def test_trainer_names_the_extra(node_venv: Path, tmp_path: Path) -> None:
 
 
 def _config(tmp_path: Path, engines: Path, port: int = 11112) -> Path:
-    routing = (ROOT / "config.toml").read_text().split("[[routing]]", 1)[1]
-    cfg = tmp_path / "node.toml"
+    cfg = tmp_path / "node.toml"  # no [[routing]]: the built-in rules for the enabled engine
     cfg.write_text(
         f'[logging]\nlevel = "warning"\n'
         f'[node]\nhost = "127.0.0.1"\nport = {port}\nvar_dir = "{tmp_path / "var"}"\nmin_free_mb = 1\n'
         f'[engines]\ndir = "{engines}"\nbackend = "onnx-fp32"\nenabled = ["spondylosis"]\n'
-        "[[routing]]" + routing
+        "[http]\nenabled = false\n"
     )
     return cfg
 
