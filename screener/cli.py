@@ -267,12 +267,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             logs.configure(settings.logging.renderer, "warning")  # its own lines, not the store's state log
             demo.run(settings, args.host, args.port, args.calling_aet, args.wait, config_path=args.config)
+            return 0
         if args.command == "route":
             from screener.routing import explain_file
 
+            unreadable = 0
             for f in args.files:
-                print(explain_file(str(f), settings.routing, settings.limits))
-            return 0
+                line = explain_file(str(f), settings.routing, settings.limits)
+                unreadable += ": failed: " in line
+                print(line)
+            return 1 if unreadable else 0
     except UserError as exc:
         print(f"screener: error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,8 @@ Files go through the Screener's worker pool (``screener.pipeline``): decoding an
 preprocessing of the next chunks run in isolated worker processes while the engines work
 on this one; a file that crashes or overruns a worker is listed as failed with a reason and
 the replay goes on. SRs are built in the same pool, one study per task. Replay always
-finishes: ``summary.json`` lists every failed file with its reason (``failed_files``).
+finishes: ``summary.json`` lists every failed file with its reason (``failed_files``) and every
+study whose SR could not be built (``failed_srs``).
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def replay(
     rows = [r for f in sorted(done) for r in done[f] if (folder / f).exists()]
     write_audit(out, rows)
     try:
-        n_srs, n_studies = write_srs(out, folder, rows, engines, screener) if write_sr else (0, 0)
+        sr_failures: list[dict[str, str]] = []
+        n_srs, n_studies = write_srs(out, folder, rows, engines, screener, sr_failures) if write_sr else (0, 0)
     finally:
         screener.close()
     by_file: dict[str, str] = {r["file"]: r["status"] for r in rows}
@@ -210,6 +212,7 @@ def replay(
                 "failed_files": [
                     {"file": r["file"], "reason": r.get("reason", "")} for r in rows if r.get("status") == "failed"
                 ],
+                "failed_srs": sr_failures,
                 "error": error,
             },
             indent=2,
@@ -286,6 +289,7 @@ def write_srs(
     rows: Iterable[dict[str, Any]],
     engines: Mapping[str, LoadedEngine],
     screener: Screener | None = None,
+    failures: list[dict[str, str]] | None = None,
 ) -> tuple[int, int]:
     """One SR per study from the audit rows (headers re-read without pixel data); in the
     screener's worker pool when given (parallel, isolated), else in this process."""
@@ -308,6 +312,8 @@ def write_srs(
             continue
         if why:
             log.warning("sr_not_built", study_uid=t.study_uid, reason=why)
+            if failures is not None:
+                failures.append({"study_uid": t.study_uid, "reason": why})
         else:
             written += 1
     return written, len(by_study)

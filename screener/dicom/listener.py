@@ -674,7 +674,7 @@ class Listener:
             calling_aet=_text(assoc.requestor.ae_title),
             accepted_contexts=len(assoc.accepted_contexts),
             rejected_contexts=len(assoc.rejected_contexts),
-            rejected_sop_classes=sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts}),
+            rejected_sop_classes=len({str(cx.abstract_syntax) for cx in assoc.rejected_contexts}),
         )
 
     def _on_rejected(self, event: Any) -> None:

@@ -40,6 +40,7 @@ content with `derive_uid`; highdicom's creation timestamps are replaced by
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -75,6 +76,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DT
+
+from screener.logs import get_logger
+
+log = get_logger(__name__)
 
 # --------------------------------------------------------------------------- codes
 
@@ -220,11 +225,11 @@ def finding_tracking_uid(f: Finding, occurrence: int = 0) -> str:
 
 def finding_tracking_identifier(f: Finding) -> str:
     """The human-readable Tracking Identifier: task, laterality and the source image's series and
-    instance numbers (no patient data), e.g. "stenosis R, image 2/1"."""
+    instance numbers (no patient data), e.g. "stenosis R, series 2 image 1"."""
     lat = f" {f.laterality}" if f.laterality else ""
     series, instance = f.source.get("SeriesNumber"), f.source.get("InstanceNumber")
     if series not in (None, "") and instance not in (None, ""):
-        where = f"image {series}/{instance}"
+        where = f"series {series} image {instance}"
     else:
         where = f"image ...{str(f.source.SOPInstanceUID)[-12:]}"
     return f"{f.engine.task}{lat}, {where}"
@@ -431,6 +436,38 @@ def add_algorithm_equipment(
         seq.append(item)
 
 
+_CHECKED_VRS = {"DA": pydicom.valuerep.DA, "DT": pydicom.valuerep.DT, "TM": pydicom.valuerep.TM}
+
+
+def _copyable_header(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The source header with the values highdicom would refuse to copy into the SR blanked: a
+    malformed date or time (modalities send them, e.g. a birth date with a stray character) or a
+    Patient's Sex outside M/F/O. These values are not used for screening; an SR without them is
+    better than no SR. The source file itself is left as received."""
+    bad = []
+    for elem in ds:
+        validate = _CHECKED_VRS.get(str(elem.VR))
+        if validate is None or elem.value in (None, ""):
+            continue
+        values = elem.value if isinstance(elem.value, pydicom.multival.MultiValue) else [elem.value]
+        try:
+            for v in values:
+                if validate(str(v)) is None:
+                    raise ValueError("empty")
+        except Exception:  # noqa: BLE001 - any value pydicom cannot read as its VR
+            bad.append(elem.tag)
+    sex = str(ds.get("PatientSex", "") or "")
+    if sex and sex not in ("M", "F", "O"):
+        bad.append(pydicom.tag.Tag("PatientSex"))
+    if not bad:
+        return ds
+    clean = copy.deepcopy(ds)
+    for tag in bad:
+        clean[tag].value = None
+        log.info("sr_header_value_dropped", keyword=pydicom.datadict.keyword_for_tag(tag))
+    return clean
+
+
 def build_sr(
     findings: Sequence[Finding],
     *,
@@ -514,7 +551,7 @@ def build_sr(
         uid = str(f.source.SOPInstanceUID)
         if uid not in seen:
             seen.add(uid)
-            evidence.append(f.source)
+            evidence.append(_copyable_header(f.source))
 
     sr = Comprehensive3DSR(
         evidence=evidence,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import shutil
 import subprocess
@@ -547,7 +548,7 @@ def test_tracking_uids_are_stable_per_finding(study_findings):
 def test_tracking_identifiers_name_task_side_and_image(study_findings):
     ds = reread(build(study_findings))
     texts = [i.TextValue for i in items(ds) if i.ValueType == "TEXT" and concept(i) == ("112039", "DCM")]
-    assert texts == ["spondylosis, image 1/1", "stenosis L, image 2/1", "stenosis R, image 3/1"]
+    assert texts == ["spondylosis, series 1 image 1", "stenosis L, series 2 image 1", "stenosis R, series 3 image 1"]
 
 
 def test_superseding_sr_has_predecessor_documents(study_findings):
@@ -563,3 +564,22 @@ def test_superseding_sr_has_predecessor_documents(study_findings):
     assert later.SOPInstanceUID != prior.SOPInstanceUID and later.InstanceNumber == 2
     assert later.SeriesInstanceUID == prior.SeriesInstanceUID
     assert "PredecessorDocumentsSequence" not in reread(prior)
+
+
+def test_malformed_header_dates_do_not_stop_the_sr():
+    """Modalities send malformed dates: the SR is built without the bad value (never from it), and the
+    source header is left as received."""
+    import dataclasses
+
+    from screener.dicom import samples
+
+    images = samples.sample_images()
+    findings = samples.sample_findings(images, samples.sample_engines())
+    src = copy.deepcopy(images[0])
+    with pytest.warns(UserWarning):
+        src.PatientBirthDate = "19230405X"
+    src.PatientSex = "Q"
+    first = [dataclasses.replace(f, source=src) for f in findings if f.source.SOPInstanceUID == src.SOPInstanceUID]
+    sr = build_sr(first, software_version="1", device_uid="1.2.3.4")
+    assert not sr.get("PatientBirthDate") and not sr.get("PatientSex")
+    assert sr.PatientID == src.PatientID and str(src.PatientBirthDate) == "19230405X"

@@ -123,3 +123,21 @@ def test_labels_report(folder, cfg, tmp_path):
 def test_not_a_folder(tmp_path, cfg, capsys):
     assert main(["replay", str(tmp_path / "nope"), "--config", str(cfg)]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_study_whose_sr_cannot_be_built_is_listed(folder, cfg, tmp_path, built):
+    """Two images of one study that disagree on the Patient ID: no SR for that study, the replay
+    finishes and summary.json says which study and why (our words, no header value)."""
+    data = built[0].data
+    study = make_study_ids()
+    for i, pid in enumerate(("PID-A-998877", "PID-B-998877")):
+        ds = make_dx(synth_gray(data, i, 384), study, "LL", instance_number=i + 1)
+        ds.PatientID = pid
+        ds.save_as(folder / f"mixed{i}.dcm", enforce_file_format=True)
+    out = tmp_path / "audit-mixed"
+    assert main(["replay", str(folder), "--out", str(out), "--config", str(cfg), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    failed = {f["study_uid"]: f["reason"] for f in summary["failed_srs"]}
+    uid = study["StudyInstanceUID"]
+    assert list(failed) == [uid] and "SR not built" in failed[uid]
+    assert "998877" not in (out / "summary.json").read_text()

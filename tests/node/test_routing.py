@@ -154,7 +154,9 @@ def test_screener_route_cli(tmp_path, capsys):
         files.append(str(p))
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom")
-    assert main(["route", "--config", "config.toml", *files, str(junk)]) == 0
+    assert main(["route", "--config", "config.toml", *files]) == 0
+    capsys.readouterr()
+    assert main(["route", "--config", "config.toml", *files, str(junk)]) == 1  # a file it cannot read
     out = capsys.readouterr().out.splitlines()
     assert "rule lateral -> engines spondylosis" in out[0]
     assert "rule oblique -> engines roi, stenosis" in out[1] and "side: R (ViewPosition RLO)" in out[1]
