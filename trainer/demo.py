@@ -7,6 +7,7 @@ the node labels their results "not for diagnosis". Takes a few minutes on a CPU.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +74,8 @@ def build_demo(engines_dir: Path, names: Sequence[str], work: Path) -> None:
                 **common,
             )
         build_engine(opts)
+        # A demo build is not resumed or audited: its checkpoints (hundreds of MB) are not kept.
+        shutil.rmtree(Path(engines_dir) / ".work" / name, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
