@@ -84,6 +84,13 @@ def load_settings(args: argparse.Namespace) -> config.Settings:
 
 def cmd_check_config(settings: config.Settings, path: Path | None) -> int:
     config.check_environment(settings)
+    engines_dir = Path(settings.engines.dir)
+    missing = [n for n in settings.engines.enabled if not (engines_dir / n / "manifest.json").is_file()]
+    if missing:  # serve would refuse to start (it also verifies every file's hash)
+        raise config.ConfigError(
+            f"engines.enabled: no engine {', '.join(missing)} in {engines_dir} "
+            "(build it with `trainer build-engine`, `make demo-engines` for demo engines, or disable it)"
+        )
     node, tls = settings.node, settings.tls
     listeners = [] if (tls.listen and not tls.plain_listener) else [f"plain on port {node.port}"]
     if tls.listen:

@@ -76,8 +76,15 @@ def test_check_config_prints_the_error_without_traceback(tmp_path, capsys):
 
 
 def test_check_config_summary(tmp_path, capsys):
+    engines = tmp_path / "engines"
     p = tmp_path / "c.toml"
-    p.write_text(f'[node]\nvar_dir = "{tmp_path / "var"}"\n[engines]\nenabled = ["spondylosis"]\n')
+    p.write_text(f'[node]\nvar_dir = "{tmp_path / "var"}"\n[engines]\ndir = "{engines}"\nenabled = ["spondylosis"]\n')
+    # an enabled engine that is not there: serve would refuse, so check-config says so
+    assert cli.main(["check-config", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "engines.enabled" in err and "spondylosis" in err and "Traceback" not in err
+    (engines / "spondylosis").mkdir(parents=True)
+    (engines / "spondylosis" / "manifest.json").write_text("{}")
     assert cli.main(["check-config", "--config", str(p)]) == 0
     out = capsys.readouterr().out
     assert "OK" in out and "CSPINE" in out and "spondylosis" in out
