@@ -656,6 +656,31 @@ class Store:
         log.info("study_state", study_uid=study_uid, state=state, previous=row["state"], reason=reason)
         return True
 
+    def _cas(
+        self,
+        c: sqlite3.Connection,
+        now: float,
+        kind: str,
+        uid: str,
+        expect: Sequence[str],
+        state: str,
+        reason: str,
+        cols: dict[str, Any],
+    ) -> bool:
+        """UPDATE <kind>s ... WHERE state IN expect (the compare-and-set of every transition); True when
+        the row changed, with its event in the same transaction. `kind`: study | instance."""
+        table, key = {"study": ("studies", "study_uid"), "instance": ("instances", "sop_instance_uid")}[kind]
+        sets = "".join(f", {k} = ?" for k in cols)
+        cur = c.execute(
+            f"UPDATE {table} SET state = ?, reason = ?, updated_at = ?{sets}"
+            f" WHERE {key} = ? AND state IN ({', '.join('?' * len(expect))})",
+            (state, reason, now, *cols.values(), uid, *expect),
+        )
+        if cur.rowcount != 1:
+            return False
+        self._event(c, now, kind, uid, state, reason)
+        return True
+
     def _cas_study(
         self,
         c: sqlite3.Connection,
@@ -666,17 +691,7 @@ class Store:
         reason: str,
         **cols: Any,
     ) -> bool:
-        """UPDATE studies ... WHERE state IN expect; True when the row changed (plus an event)."""
-        sets = "".join(f", {k} = ?" for k in cols)
-        cur = c.execute(
-            f"UPDATE studies SET state = ?, reason = ?, updated_at = ?{sets}"
-            f" WHERE study_uid = ? AND state IN ({', '.join('?' * len(expect))})",
-            (state, reason, now, *cols.values(), study_uid, *expect),
-        )
-        if cur.rowcount != 1:
-            return False
-        self._event(c, now, "study", study_uid, state, reason)
-        return True
+        return self._cas(c, now, "study", study_uid, expect, state, reason, cols)
 
     def _cas_instance(
         self,
@@ -688,16 +703,7 @@ class Store:
         reason: str,
         **cols: Any,
     ) -> bool:
-        sets = "".join(f", {k} = ?" for k in cols)
-        cur = c.execute(
-            f"UPDATE instances SET state = ?, reason = ?, updated_at = ?{sets}"
-            f" WHERE sop_instance_uid = ? AND state IN ({', '.join('?' * len(expect))})",
-            (state, reason, now, *cols.values(), sop_instance_uid, *expect),
-        )
-        if cur.rowcount != 1:
-            return False
-        self._event(c, now, "instance", sop_instance_uid, state, reason)
-        return True
+        return self._cas(c, now, "instance", sop_instance_uid, expect, state, reason, cols)
 
     def _cancel_outbox(self, c: sqlite3.Connection, now: float, study_uid: str, reason: str) -> list[int]:
         """Cancel the study's pending and failed deliveries (their SR is being superseded)."""
