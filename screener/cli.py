@@ -240,11 +240,19 @@ def cmd_complete(settings: config.Settings, uids: list[str]) -> int:
 
     store = Store.open(Path(settings.node.var_dir), recover=False)
     try:
+        unknown = 0
         for uid in uids:
-            print(f"{uid}: {'complete' if store.force_complete(uid) else 'not receiving (unchanged)'}")
+            study = store.get_study(uid)
+            if study is None:
+                unknown += 1
+                print(f"{uid}: unknown study (nothing received with this Study Instance UID)")
+            elif store.force_complete(uid):
+                print(f"{uid}: complete")
+            else:
+                print(f"{uid}: {study.state}, not receiving (unchanged)")
     finally:
         store.close()
-    return 0
+    return 1 if unknown else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

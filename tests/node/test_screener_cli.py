@@ -54,3 +54,13 @@ def test_tampered_engine_refused(tmp_path, capsys, built):
     )
     assert main(["serve", "--config", str(cfg)]) == 2
     assert "SHA-256" in capsys.readouterr().err
+
+
+def test_complete_names_an_unknown_study(tmp_path, capsys):
+    from screener.store import Store
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[engines]\ndir = "{tmp_path / "engines"}"\n[node]\nvar_dir = "{tmp_path / "var"}"\n')
+    Store.open(tmp_path / "var").close()
+    assert main(["complete", "--config", str(cfg), "1.2.3.4"]) == 1
+    assert "1.2.3.4: unknown study" in capsys.readouterr().out
