@@ -11,6 +11,15 @@
    ``--workers`` count (screening loop and audit; SRs once, at the largest count).
 
 Every figure names the card. Results go to stdout and ``--out``/gpu-results.txt.
+
+On a lent GPU machine with torch but no package registry: copy ``screener/``, ``bench/`` and
+``tests/support/`` into a folder the device tool carries (e.g. ``.d11/``, ignored through
+``.git/info/exclude``), add the pure-Python wheels the node needs (pydicom, pynetdicom,
+highdicom, structlog, pylibjpeg and its plugins, opencv-python-headless, ...; Python 3.12,
+manylinux x86_64) under ``.d11/whl/``, and run::
+
+    cd .d11 && python3 -m pip install -q --no-index --no-deps --target /tmp/site whl/*.whl \
+      && PYTHONPATH=$PWD:/tmp/site python3 -m bench.gpu --out $OUT
 """
 
 from __future__ import annotations
