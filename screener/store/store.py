@@ -1517,49 +1517,8 @@ class Store:
     def check_invariants(self) -> list[str]:
         """What docs/state-machine.md promises of every committed state; returns the violations
         (empty when all hold). Read-only; `screener status` and the tests call it."""
-        bad: list[str] = []
         q = self._query
-        for r in q(
-            "SELECT i.sop_instance_uid, i.state, s.study_uid, s.state AS study_state FROM instances i"
-            " JOIN studies s USING (study_uid) WHERE s.state IN ('reported', 'sent')"
-            " AND i.state NOT IN ('failed', 'skipped') AND (i.sr_id IS NOT s.sr_id OR s.sr_id IS NULL)"
-        ):
-            bad.append(f"instance {r[0]} ({r[1]}) is not in the current SR of its {r[3]} study {r[2]}")
-        for r in q(
-            "SELECT i.sop_instance_uid, i.state FROM instances i JOIN studies s USING (study_uid)"
-            " WHERE s.state = 'sent' AND i.state NOT IN ('sent', 'failed', 'skipped')"
-        ):
-            bad.append(f"instance {r[0]} is {r[1]} in a sent study")
-        for r in q(
-            "SELECT sop_instance_uid, state FROM instances WHERE state IN ('failed', 'skipped') AND reason = ''"
-        ):
-            bad.append(f"instance {r[0]} is {r[1]} without a reason")
-        for r in q("SELECT study_uid, state FROM studies WHERE state IN ('failed', 'skipped') AND reason = ''"):
-            bad.append(f"study {r[0]} is {r[1]} without a reason")
-        for r in q(
-            "SELECT o.id, o.study_uid FROM outbox o JOIN studies s USING (study_uid)"
-            " WHERE o.state IN ('pending', 'failed') AND o.sr_id IS NOT s.sr_id"
-        ):
-            bad.append(f"outbox {r[0]} of study {r[1]} would deliver an SR that is not current")
-        for r in q(
-            "SELECT o.id, o.study_uid, s.state FROM outbox o JOIN studies s USING (study_uid)"
-            " WHERE o.state = 'pending' AND s.state NOT IN ('reported', 'failed')"
-        ):
-            bad.append(f"outbox {r[0]} pending while study {r[1]} is {r[2]}")
-        for r in q(
-            "SELECT s.study_uid FROM studies s WHERE s.state = 'sent' AND EXISTS"
-            " (SELECT 1 FROM outbox o WHERE o.study_uid = s.study_uid AND o.sr_id IS s.sr_id AND o.state != 'sent')"
-        ):
-            bad.append(f"study {r[0]} is sent with a delivery of its current SR not sent")
-        for r in q(
-            "SELECT s.study_uid, s.state FROM studies s WHERE s.state IN ('reported', 'sent') AND NOT EXISTS"
-            " (SELECT 1 FROM srs WHERE srs.id = s.sr_id AND srs.state = 'current')"
-        ):
-            bad.append(f"study {r[0]} is {r[1]} without a current SR")
-        for r in q(
-            "SELECT study_uid, COUNT(*) FROM srs WHERE state = 'current' GROUP BY study_uid HAVING COUNT(*) > 1"
-        ):
-            bad.append(f"study {r[0]} has {r[1]} current SRs")
+        bad = [message.format(*r) for sql, message in _INVARIANT_QUERIES for r in q(sql)]
         for r in q("SELECT study_uid, sr_path FROM studies WHERE state = 'reported'"):
             if r[1] and not self.abs_path(r[1]).is_file():
                 bad.append(f"study {r[0]} is reported but its SR file is missing")
@@ -1567,3 +1526,51 @@ class Store:
             if not self.abs_path(r[1]).is_file():
                 bad.append(f"instance {r[0]} has no spool file")
         return bad
+
+
+# Each query lists the rows that break one promise of docs/state-machine.md; the message names them.
+_INVARIANT_QUERIES: tuple[tuple[str, str], ...] = (
+    (
+        "SELECT i.sop_instance_uid, i.state, s.study_uid, s.state AS study_state FROM instances i"
+        " JOIN studies s USING (study_uid) WHERE s.state IN ('reported', 'sent')"
+        " AND i.state NOT IN ('failed', 'skipped') AND (i.sr_id IS NOT s.sr_id OR s.sr_id IS NULL)",
+        "instance {0} ({1}) is not in the current SR of its {3} study {2}",
+    ),
+    (
+        "SELECT i.sop_instance_uid, i.state FROM instances i JOIN studies s USING (study_uid)"
+        " WHERE s.state = 'sent' AND i.state NOT IN ('sent', 'failed', 'skipped')",
+        "instance {0} is {1} in a sent study",
+    ),
+    (
+        "SELECT sop_instance_uid, state FROM instances WHERE state IN ('failed', 'skipped') AND reason = ''",
+        "instance {0} is {1} without a reason",
+    ),
+    (
+        "SELECT study_uid, state FROM studies WHERE state IN ('failed', 'skipped') AND reason = ''",
+        "study {0} is {1} without a reason",
+    ),
+    (
+        "SELECT o.id, o.study_uid FROM outbox o JOIN studies s USING (study_uid)"
+        " WHERE o.state IN ('pending', 'failed') AND o.sr_id IS NOT s.sr_id",
+        "outbox {0} of study {1} would deliver an SR that is not current",
+    ),
+    (
+        "SELECT o.id, o.study_uid, s.state FROM outbox o JOIN studies s USING (study_uid)"
+        " WHERE o.state = 'pending' AND s.state NOT IN ('reported', 'failed')",
+        "outbox {0} pending while study {1} is {2}",
+    ),
+    (
+        "SELECT s.study_uid FROM studies s WHERE s.state = 'sent' AND EXISTS"
+        " (SELECT 1 FROM outbox o WHERE o.study_uid = s.study_uid AND o.sr_id IS s.sr_id AND o.state != 'sent')",
+        "study {0} is sent with a delivery of its current SR not sent",
+    ),
+    (
+        "SELECT s.study_uid, s.state FROM studies s WHERE s.state IN ('reported', 'sent') AND NOT EXISTS"
+        " (SELECT 1 FROM srs WHERE srs.id = s.sr_id AND srs.state = 'current')",
+        "study {0} is {1} without a current SR",
+    ),
+    (
+        "SELECT study_uid, COUNT(*) FROM srs WHERE state = 'current' GROUP BY study_uid HAVING COUNT(*) > 1",
+        "study {0} has {1} current SRs",
+    ),
+)

@@ -299,3 +299,32 @@ def test_batch_takes_several_studies_up_to_the_limit(tmp_path):
         picks = s.pick_for_screening(5, 3)
         assert [p.study_uid for p in picks] == studies[:2]  # oldest first, 4 images <= 5
         assert [p.study_uid for p in s.pick_for_screening(1, 3)] == [studies[2]]  # a bigger study alone
+
+
+def test_invariant_check_names_each_broken_promise(tmp_path):
+    """check_invariants is what every state-machine test relies on: corrupt committed state behind the
+    Store's back and each broken promise is reported."""
+    clock = Clock()
+    store = open_store(tmp_path / "v", clock)
+    try:
+        put(store, "1.1")
+        put(store, "1.2")
+        screen(store)
+        assert store.check_invariants() == []
+        c = sqlite3.connect(tmp_path / "v" / "screener.db")
+        with c:
+            c.execute("UPDATE studies SET state = 'sent' WHERE study_uid = ?", (STUDY,))
+            c.execute("UPDATE instances SET state = 'received' WHERE sop_instance_uid = '1.2'")
+            c.execute("UPDATE instances SET sr_id = NULL WHERE sop_instance_uid = '1.1'")
+        c.close()
+        found = "\n".join(store.check_invariants())
+        assert "instance 1.2 is received in a sent study" in found
+        assert "instance 1.1 (reported) is not in the current SR of its sent study" in found
+        assert f"study {STUDY} is sent with a delivery of its current SR not sent" in found
+        c = sqlite3.connect(tmp_path / "v" / "screener.db")
+        with c:
+            c.execute("UPDATE studies SET state = 'failed', reason = '' WHERE study_uid = ?", (STUDY,))
+        c.close()
+        assert f"study {STUDY} is failed without a reason" in store.check_invariants()
+    finally:
+        store.close()
