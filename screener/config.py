@@ -173,6 +173,7 @@ class PipelineSettings:
     memory_limit_mb: int = 3072  # RLIMIT_AS of each worker; 0: no limit
     image_timeout_s: float = 60.0  # a worker still busy with one image after this is killed
     prefetch_batches: int = 2  # batches decoded ahead of the engines
+    nice: int = 10  # niceness of the decode workers and the engines' CPU threads (receiving images goes first)
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -183,6 +184,8 @@ class PipelineSettings:
             raise ConfigError("pipeline.image_timeout_s: must be positive")
         if self.prefetch_batches < 1:
             raise ConfigError("pipeline.prefetch_batches: must be at least 1")
+        if not 0 <= self.nice <= 19:
+            raise ConfigError("pipeline.nice: 0 (same priority as receiving) to 19 (lowest)")
 
     @property
     def worker_count(self) -> int:

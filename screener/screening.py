@@ -100,7 +100,9 @@ class Screener:
             if self._pool is None:
                 s = self.settings
                 preload = ("screener.pipeline.prepare", "screener.replay", self.task.__module__)
-                self._pool = WorkerPool(s.worker_count, s.memory_limit_mb, s.image_timeout_s, preload=preload)
+                self._pool = WorkerPool(
+                    s.worker_count, s.memory_limit_mb, s.image_timeout_s, preload=preload, nice=s.nice
+                )
                 self._finalizer = weakref.finalize(self, self._pool.close)
             return self._pool
 

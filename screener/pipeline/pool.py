@@ -84,9 +84,14 @@ def _limit_memory(memory_limit_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
-def _worker_main(conn: Connection, memory_limit_mb: int, parent_pid: int, preload: tuple[str, ...] = ()) -> None:
+def _worker_main(
+    conn: Connection, memory_limit_mb: int, parent_pid: int, preload: tuple[str, ...] = (), nice: int = 0
+) -> None:
     """The worker loop: receive (fn, item), send ("ok", result) or ("err", reason)."""
     _die_with_parent(parent_pid)
+    if nice > 0:  # below the node's own threads: receiving images keeps its CPU
+        with contextlib.suppress(OSError):
+            os.nice(nice)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     with contextlib.suppress(Exception):
         import cv2
@@ -138,12 +143,12 @@ def death_reason(exitcode: int | None) -> str:
 
 
 class _Worker:
-    def __init__(self, ctx: Any, memory_limit_mb: int, preload: tuple[str, ...]) -> None:
+    def __init__(self, ctx: Any, memory_limit_mb: int, preload: tuple[str, ...], nice: int = 0) -> None:
         parent, child = ctx.Pipe(duplex=True)
         self.conn: Connection = parent
         self.proc = ctx.Process(
             target=_worker_main,
-            args=(child, memory_limit_mb, os.getpid(), preload),
+            args=(child, memory_limit_mb, os.getpid(), preload, nice),
             daemon=True,
             name="screener-decode",
         )
@@ -207,14 +212,17 @@ class WorkerPool:
         timeout_s: float = 60.0,
         start_method: str = "spawn",
         preload: tuple[str, ...] = (),
+        nice: int = 0,
     ) -> None:
-        """`preload`: modules each worker imports before it takes work (the task's module)."""
+        """`preload`: modules each worker imports before it takes work (the task's module);
+        `nice`: the workers' niceness (0 keeps the parent's priority)."""
         if workers < 1:
             raise ValueError("a worker pool needs at least one worker")
         self.size = int(workers)
         self.memory_limit_mb = int(memory_limit_mb)
         self.timeout_s = float(timeout_s)
         self.preload = tuple(preload)
+        self.nice = max(0, int(nice))
         self._ctx = mp.get_context(start_method)
         self._lock = threading.Lock()
         self._workers: list[_Worker] = [self._spawn() for _ in range(self.size)]
@@ -224,7 +232,7 @@ class WorkerPool:
         self.replaced = 0  # workers replaced after a death or an overrun (for metrics and tests)
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self.memory_limit_mb, self.preload)
+        return _Worker(self._ctx, self.memory_limit_mb, self.preload, self.nice)
 
     def pids(self) -> list[int]:
         return [w.pid for w in self._workers if w.pid is not None]

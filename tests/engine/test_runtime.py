@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 
 import numpy as np
@@ -255,3 +256,31 @@ def test_torch_uint8_input_matches_host_normalization(torch_folder):
     want = normalize_batch(u8, norm)
     assert np.array_equal(eng.normalize_uint8(u8, norm.mean, norm.std).numpy(), want)  # bit for bit
     assert np.allclose(eng.predict_uint8(u8, norm.mean, norm.std), eng.predict(want), atol=1e-6)
+
+
+def test_sessions_split_the_batch_and_agree(engine_folder):
+    """Several single-threaded sessions (the CPU default) give the outputs of one session."""
+    from screener.engine.runtime import OnnxRuntimeEngine, default_sessions, default_threads
+
+    x = images(19)
+    for file in ("model.onnx", "model.int8.onnx"):
+        one = OnnxRuntimeEngine(engine_folder / file, threads=1, sessions=1, max_batch=8)
+        two = OnnxRuntimeEngine(engine_folder / file, threads=1, sessions=2, max_batch=8)
+        assert len(one.sessions) == 1 and len(two.sessions) == 2
+        for n in (1, 2, 5, 19):
+            assert np.array_equal(two.predict(x[:n]), one.predict(x[:n])), (file, n)
+    default = OnnxRuntimeEngine(engine_folder / "model.onnx")
+    assert len(default.sessions) == default_sessions(default_threads())
+    assert default.threads_per_session == max(1, default_threads() // len(default.sessions))
+
+
+def test_engine_threads_run_at_lower_priority(engine_folder):
+    import threading
+
+    from screener.engine.runtime import OnnxRuntimeEngine
+
+    eng = OnnxRuntimeEngine(engine_folder / "model.onnx", threads=1, sessions=2, nice=5)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = {eng._executor.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()}
+    assert seen == {min(19, base + 5)}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the calling thread keeps its priority

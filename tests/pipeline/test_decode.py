@@ -93,3 +93,43 @@ def test_one_channel_resize_equals_three(shape):
             img = np.ascontiguousarray(img[:, ::-1] if mirror else img)
             interp = cv2.INTER_AREA if img.shape[0] >= size and img.shape[1] >= size else cv2.INTER_LINEAR
             assert np.array_equal(got, cv2.resize(img, (size, size), interpolation=interp))
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_native_frame_is_pydicom_pixel_array(bits):
+    """The uncompressed fast path reads the same values as pydicom's decoder (no copy)."""
+    from pydicom.pixels import pixel_array
+
+    from screener.pipeline.decode import native_frame
+
+    ds = make_dx(gray_image(4, 96), make_study_ids(), "LL", bits=bits)
+    view = native_frame(ds)
+    assert view is not None and not view.flags.writeable
+    assert np.array_equal(view, pixel_array(ds, index=0))
+
+
+def test_bits_above_bits_stored_go_through_pydicom():
+    """Garbage above Bits Stored: pydicom masks it, so the table route must see masked values."""
+    ds = make_dx(gray_image(5, 96), make_study_ids(), "LL", bits=12)
+    values = np.frombuffer(ds.PixelData, "<u2").reshape(96, 96).copy()
+    values[::7, ::5] |= 0xA000
+    ds.PixelData = values.tobytes()
+    raw, table = gray8_table(ds)
+    assert table is not None and int(raw.max()) < 4096
+    assert np.array_equal(table[raw], dataset_to_gray8(ds))
+
+
+def test_native_frame_declines_what_it_does_not_cover():
+    from pydicom.uid import ExplicitVRBigEndian
+
+    from screener.pipeline.decode import native_frame
+
+    ds = make_dx(gray_image(6, 64), make_study_ids(), "LL", bits=12)
+    signed = make_dx(gray_image(6, 64), make_study_ids(), "LL", bits=12)
+    signed.PixelRepresentation = 1
+    assert native_frame(signed) is None
+    short = make_dx(gray_image(6, 64), make_study_ids(), "LL", bits=12)
+    short.PixelData = short.PixelData[:-2]
+    assert native_frame(short) is None
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    assert native_frame(ds) is None

@@ -97,3 +97,11 @@ def test_abandoned_map_leaves_pool_usable(pool):
     next(it)
     it.close()
     assert results(pool, tasks.echo, [5]) == {0: 10}
+
+
+def test_workers_run_at_lower_priority():
+    """`nice`: receiving images goes first; the decode workers take what is left."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with WorkerPool(1, nice=7) as p:
+        (pid,) = p.pids()
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, base + 7)
