@@ -3,15 +3,21 @@
 A destination uses TLS when its configuration says so (``tls = true`` in ``[[destinations]]``, or
 ``AET@HOST:PORT?tls``); an outbox entry queued before TLS was configured for the same
 AE title, host and port is sent over TLS too (never downgraded). Error texts are our own words.
+
+When the peer accepts the file's own SOP class and transfer syntax, the file's bytes go on the
+wire as they are (pynetdicom's chunked sending: no decoding and re-encoding of the data set,
+which cost the node's Python thread more than building the SR); otherwise (a peer without
+Comprehensive 3D SR, or with another transfer syntax) the data set is read and converted.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -21,6 +27,7 @@ from screener.config import Destination, TlsSettings, parse_destination
 from screener.errors import ConfigError, safe_reason
 
 TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+_CHUNKED = threading.Lock()  # pynetdicom's switch for sending a file as it is is process-wide
 
 
 def resolve(destination: Destination | str, known: Sequence[Destination] = ()) -> Destination:
@@ -59,7 +66,10 @@ def send_file(
         except ConfigError as exc:
             return False, f"TLS destination {dest}: {exc}"
     try:
-        ds = pydicom.dcmread(str(path))
+        meta = pydicom.filereader.read_file_meta_info(str(path))
+        sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+        file_syntax = str(meta.get("TransferSyntaxUID", ""))
+        ds = None if sop_class and file_syntax else pydicom.dcmread(str(path))
     except Exception as exc:  # noqa: BLE001 - any unreadable SR is reported, not raised
         return False, f"cannot read {Path(path).name}: {exc.__class__.__name__}"
     ae = AE(ae_title=calling_aet)
@@ -69,7 +79,8 @@ def send_file(
     ae.maximum_pdu_size = 0
     for sop in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
         ae.add_requested_context(sop, TRANSFER_SYNTAXES)
-    sop_class = str(ds.get("SOPClassUID", ""))
+    if ds is not None:
+        sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class and sop_class not in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
         ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)  # a companion (SC / GSPS, issue 14)
     try:
@@ -82,17 +93,31 @@ def send_file(
             reason += " (connection or TLS handshake failed)"
         return False, f"association to {dest} {reason}"
     accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-    if (
-        sop_class == Comprehensive3DSRStorage
-        and Comprehensive3DSRStorage not in accepted
-        and ComprehensiveSRStorage in accepted
-    ):
-        # A PACS without Comprehensive 3D SR: the same content is a valid Comprehensive SR (only 2-D SCOORDs).
-        ds.SOPClassUID = ComprehensiveSRStorage
-        if "file_meta" in ds:
-            ds.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
+    as_is = ds is None and any(
+        cx.abstract_syntax == sop_class and cx.transfer_syntax and cx.transfer_syntax[0] == file_syntax
+        for cx in assoc.accepted_contexts
+    )
     try:
-        status = assoc.send_c_store(ds)
+        if as_is:
+            with _CHUNKED:
+                saved, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+                try:
+                    status = assoc.send_c_store(Path(path))
+                finally:
+                    _config.STORE_SEND_CHUNKED_DATASET = saved
+        else:
+            if ds is None:
+                ds = pydicom.dcmread(str(path))
+            if (
+                sop_class == Comprehensive3DSRStorage
+                and Comprehensive3DSRStorage not in accepted
+                and ComprehensiveSRStorage in accepted
+            ):
+                # A PACS without Comprehensive 3D SR: the same content is a valid Comprehensive SR (2-D SCOORDs).
+                ds.SOPClassUID = ComprehensiveSRStorage
+                if "file_meta" in ds:
+                    ds.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
+            status = assoc.send_c_store(ds)
     except Exception as exc:  # noqa: BLE001
         return False, safe_reason(exc, "C-STORE failed")
     finally:
