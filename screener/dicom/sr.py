@@ -711,7 +711,17 @@ def build_sr_reference(
 
 
 def sr_to_bytes(sr: pydicom.Dataset) -> bytes:
-    """Part 10 file bytes, Explicit VR Little Endian (for the outbox / folder writer)."""
+    """Part 10 file bytes, Explicit VR Little Endian (for the outbox / folder writer): the bytes of
+    `sr_to_bytes_reference` (pydicom's dcmwrite), written by `screener.dicom.sr_write` where it can."""
+    from screener.dicom.sr_write import part10_bytes
+
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    data = part10_bytes(sr)
+    return sr_to_bytes_reference(sr) if data is None else data
+
+
+def sr_to_bytes_reference(sr: pydicom.Dataset) -> bytes:
+    """`sr_to_bytes` with pydicom's writer (``save_as(..., enforce_file_format=True)``)."""
     sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     buf = io.BytesIO()
     sr.save_as(buf, enforce_file_format=True)
