@@ -605,9 +605,7 @@ def build_sr(
 
     plan = _plan(findings, predecessors, software_version, device_uid, sr_uid, series_uid, content_datetime)
     try:
-        groups = [
-            sr_fast.measurement_group(f, uid, manufacturer) for f, uid in zip(plan.findings, plan.tracking_uids)
-        ]
+        groups = [sr_fast.measurement_group(f, uid, manufacturer) for f, uid in zip(plan.findings, plan.tracking_uids)]
         content = sr_fast.report_content(groups, device_uid, device_name, manufacturer, model_name)
         sr = sr_fast.header(
             _evidence(plan.findings),

@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
 _IGNORE = pydicom_config.IGNORE  # values are validated by the checks below, as highdicom does; not again per element
 
+
+class NotHandled(Exception):
+    """An input this module does not build (the reference does, or refuses it)."""
+
+
 # Tags (PS3.6) of the elements this module creates.
 _CODE_VALUE = BaseTag(0x00080100)
 _CODING_SCHEME_DESIGNATOR = BaseTag(0x00080102)
@@ -72,9 +77,17 @@ _TEMPLATE_IDENTIFIER = BaseTag(0x0040DB00)
 _GRAPHIC_DATA = BaseTag(0x00700022)
 _GRAPHIC_TYPE = BaseTag(0x00700023)
 
+
+def _tag(keyword: str) -> BaseTag:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise NotHandled(f"unknown keyword {keyword}")
+    return BaseTag(tag)
+
+
 # Root (header) tags.
 _HEADER_TAGS = {
-    kw: BaseTag(tag_for_keyword(kw))
+    kw: _tag(kw)
     for kw in (
         "SpecificCharacterSet",
         "InstanceCreationDate",
@@ -116,7 +129,7 @@ _HEADER_TAGS = {
 # The attributes highdicom's SOPClass sets from the first evidence dataset and that its
 # copy of the Patient and Study modules then replaces with the source's own elements.
 _FROM_EVIDENCE = tuple(
-    BaseTag(tag_for_keyword(kw))
+    _tag(kw)
     for kw in (
         "PatientID",
         "PatientName",
@@ -129,10 +142,6 @@ _FROM_EVIDENCE = tuple(
         "StudyInstanceUID",
     )
 )
-
-
-class NotHandled(Exception):
-    """An input this module does not build (the reference does, or refuses it)."""
 
 
 def _el(tag: int, vr: str, value: Any) -> DataElement:
@@ -519,8 +528,8 @@ def header(
     d[t["SOPClassUID"]] = _el(t["SOPClassUID"], "UI", str(Comprehensive3DSRStorage))
     d[t["InstanceNumber"]] = _el(t["InstanceNumber"], "IS", instance_number)
     if specific_character_set is not None:
-        value = _check_specific_character_set(specific_character_set)
-        d[t["SpecificCharacterSet"]] = _el(t["SpecificCharacterSet"], "CS", value)
+        charset = _check_specific_character_set(specific_character_set)
+        d[t["SpecificCharacterSet"]] = _el(t["SpecificCharacterSet"], "CS", charset)
     content_date, content_time = DA(when.date()), TM(when.time())
     d[t["ContentDate"]] = _el(t["ContentDate"], "DA", content_date)
     d[t["ContentTime"]] = _el(t["ContentTime"], "TM", content_time)

@@ -17,9 +17,12 @@ This encoder writes the same bytes directly:
 - every other element (PN, dates as date objects, OB, AT, non-ASCII text, ...) is written by
   pydicom's own `write_data_element`, with the character sets pydicom would pass it.
 
-A dataset that pydicom would change before writing (an ambiguous VR such as "US or SS", a raw
-element, File Meta or Command elements in the dataset, pixel data) is not encoded here: `part10_bytes`
-returns None and the caller uses dcmwrite. tests/dicom/test_sr_fast.py compares both writers' bytes.
+A sequence item with raw elements (from a source header read from a file: copied Patient / Study
+sequences) is written by pydicom's `write_dataset`, after the same ambiguous-VR pass. A dataset that
+pydicom would change before writing in ways not repeated here (an ambiguous VR such as "US or SS" in
+a dataset made in memory, raw elements at the root, a root read from a file in this same encoding,
+File Meta or Command elements in the dataset, pixel data) is not encoded here: `part10_bytes` returns
+None and the caller uses dcmwrite. tests/dicom/test_sr_fast.py compares both writers' bytes.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pydicom.charset import convert_encodings, default_encoding, encode_string
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.filewriter import correct_ambiguous_vr, write_data_element, write_dataset, write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
@@ -68,8 +71,10 @@ def part10_bytes(ds: Dataset) -> bytes | None:
     preamble = getattr(ds, "preamble", None)
     if preamble and len(preamble) != 128:
         return None
+    if ds.original_encoding == (False, True) and ds.original_character_set == ds._character_set:
+        return None  # read as written: pydicom writes its raw elements as read, and corrects no VR
     try:
-        body = _dataset(ds, default_encoding)
+        body = _dataset(ds, default_encoding, [ds])
     except _NotEncoded:
         return None
 
@@ -106,7 +111,8 @@ def _encodings(charsets: str | tuple[str, ...]) -> tuple[list[str], bool]:
     return encodings, ascii_same
 
 
-def _dataset(ds: Dataset, parent_encoding: Any) -> bytes:
+def _dataset(ds: Dataset, parent_encoding: Any, ancestors: list[Dataset]) -> bytes:
+    """`ds`'s elements (`ancestors`: `ds` and the datasets above it, nearest first)."""
     charset = ds.get("SpecificCharacterSet", parent_encoding)
     charset = charset or [default_encoding]
     key = charset if isinstance(charset, str) else tuple(charset)
@@ -125,8 +131,21 @@ def _dataset(ds: Dataset, parent_encoding: Any) -> bytes:
         vr = elem.VR
         if vr is None or len(vr) != 2:
             raise _NotEncoded  # ambiguous VR: pydicom corrects it first
-        out.append(_element(elem, tag, vr, encodings, ascii_same))
+        out.append(_element(elem, tag, vr, encodings, ascii_same, ancestors))
     return b"".join(out)
+
+
+def _item(item: Dataset, encodings: list[str], ancestors: list[Dataset]) -> bytes:
+    """A sequence item's elements. An item with raw elements (a header read from a file and copied
+    into the SR) is written by pydicom, after the ambiguous-VR pass that dcmwrite makes over the
+    whole tree before writing (the same ancestors)."""
+    if all(isinstance(e, DataElement) for e in item._dict.values()):
+        return _dataset(item, encodings, [item, *ancestors])
+    correct_ambiguous_vr(item, True, [item, *ancestors])
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = False, True
+    write_dataset(fp, item, parent_encoding=encodings)
+    return bytes(fp.getvalue())
 
 
 def _delegate(elem: DataElement, encodings: list[str]) -> bytes:
@@ -136,7 +155,9 @@ def _delegate(elem: DataElement, encodings: list[str]) -> bytes:
     return bytes(fp.getvalue())
 
 
-def _element(elem: DataElement, tag: int, vr: str, encodings: list[str], ascii_same: bool) -> bytes:
+def _element(
+    elem: DataElement, tag: int, vr: str, encodings: list[str], ascii_same: bool, ancestors: list[Dataset]
+) -> bytes:
     value = elem.value
     undefined = elem.is_undefined_length
     if vr == "SQ":
@@ -144,7 +165,7 @@ def _element(elem: DataElement, tag: int, vr: str, encodings: list[str], ascii_s
         for item in value or ():
             if not isinstance(item, Dataset):
                 raise _NotEncoded
-            body = _dataset(item, encodings)
+            body = _item(item, encodings, ancestors)
             if getattr(item, "is_undefined_length_sequence_item", False):
                 parts.append(_ITEM + _UL.pack(_UNDEFINED) + body + _ITEM_DELIMITER)
             else:
