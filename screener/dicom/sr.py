@@ -1,7 +1,7 @@
 """One DICOM Structured Report per screened study (TID 1500 in Comprehensive 3D SR).
 
 The SR goes back into the source study (same Study Instance UID, patient and
-study attributes copied from the sources by highdicom) in its own series:
+study attributes copied from the first source as highdicom copies them) in its own series:
 
     Imaging Measurement Report (126000, DCM)                  TID 1500
       Language, Observer Type = Device (121007, DCM) + Device Observer UID/name/...
@@ -31,6 +31,21 @@ names the SRs of the study that this one supersedes.
 
 Codes and their reasons: docs/sr-codes.md. The findings use a private coding
 scheme (99CSPINE), declared in the Coding Scheme Identification Sequence.
+
+How it is built: `build_sr_reference` builds the SR with highdicom (`Comprehensive3DSR` around
+highdicom's TID 1500 templates) and `sr_to_bytes_reference` writes it with pydicom's dcmwrite: they
+define the SR. Both cost ~16 ms of CPU per finding, as much as the screening itself, so production
+uses `build_sr`, which makes the same pydicom tree directly (`screener.dicom.sr_fast`: each dataset
+and data element created once with its tag and VR, the header copied from the first source as
+highdicom copies it, no deep copy or re-parse of the content tree), and `sr_to_bytes`, which writes
+pydicom's bytes with a direct Explicit VR Little Endian encoder (`screener.dicom.sr_write`), together
+~1-3 ms per finding. An input the fast builder does not handle (or refuses) goes to the reference,
+which builds it or raises its own error; a dataset the encoder does not handle is written by
+pydicom. tests/dicom/test_sr_fast.py checks that `sr_to_bytes(build_sr(...))` and
+`sr_to_bytes_reference(build_sr_reference(...))` give the same bytes (or the same error) for every
+finding set of tests/dicom/test_sr.py, headers with many character sets, missing, empty and
+malformed attributes, headers read from files, and a seeded random sample; the validators
+(dciodvfy, dsrdump, pixelmed) check the production output.
 
 Determinism: for the same findings, `content_datetime` and software version the
 bytes of `sr_to_bytes(build_sr(...))` are identical (UIDs are derived from the

@@ -263,7 +263,7 @@ def _in_iod(keyword: str, sop_class_uid: str) -> bool:
     return bool(is_attribute_in_iod(keyword, sop_class_uid))
 
 
-def measurement_group(f: Finding, tracking_uid: str, manufacturer: str) -> Dataset:
+def measurement_group(f: Finding, tracking_uid: str, manufacturer: str | None) -> Dataset:
     """One finding's measurement group: the tree `sr._measurement_group` makes with highdicom."""
     from screener.dicom import sr as S
 
@@ -289,7 +289,7 @@ def measurement_group(f: Finding, tracking_uid: str, manufacturer: str) -> Datas
         site,
         _text(_ALGORITHM_NAME, e.name, hcm),
         _text(_ALGORITHM_VERSION, e.version, hcm),
-        _text(_ALGORITHM_MANUFACTURER, manufacturer, hcm),
+        *([_text(_ALGORITHM_MANUFACTURER, manufacturer, hcm)] if manufacturer is not None else []),
         *(_text(_ALGORITHM_PARAMETERS, p, hcm) for p in e.parameters()),
         _code_value(_ALGORITHM_FAMILY, S.ALGORITHM_FAMILY, hcm),
         num,
@@ -352,7 +352,7 @@ _IMAGING_MEASUREMENTS = _Concept("126010", "Imaging Measurements")
 
 
 def report_content(
-    groups: list[Dataset], device_uid: str, device_name: str, manufacturer: str, model_name: str
+    groups: list[Dataset], device_uid: str, device_name: str | None, manufacturer: str | None, model_name: str | None
 ) -> Dataset:
     """The TID 1500 root container (MeasurementReport) around the measurement groups."""
     from screener.dicom import sr as S
@@ -443,10 +443,10 @@ def header(
     series_number: int,
     sop_instance_uid: str,
     instance_number: int,
-    manufacturer: str,
+    manufacturer: str | None,
     is_final: bool,
     series_description: str,
-    manufacturer_model_name: str,
+    manufacturer_model_name: str | None,
     software_versions: str,
     when: datetime.datetime,
     coding_schemes: list[Any],
@@ -510,8 +510,10 @@ def header(
     if study_time is not None:
         TM(study_time)
     _check_long_string(series_description)
-    _check_long_string(manufacturer)
-    _check_long_string(manufacturer_model_name)
+    if manufacturer is not None:
+        _check_long_string(manufacturer)
+    if manufacturer_model_name is not None:
+        _check_long_string(manufacturer_model_name)
     if not isinstance(software_versions, str):
         raise NotHandled("software versions")
     _check_long_string(software_versions)
@@ -522,7 +524,8 @@ def header(
     d[t["Modality"]] = _el(t["Modality"], "CS", "SR")
     d[t["SeriesDescription"]] = _el(t["SeriesDescription"], "LO", series_description)
     d[t["Manufacturer"]] = _el(t["Manufacturer"], "LO", manufacturer)
-    d[t["ManufacturerModelName"]] = _el(t["ManufacturerModelName"], "LO", manufacturer_model_name)
+    if manufacturer_model_name is not None:
+        d[t["ManufacturerModelName"]] = _el(t["ManufacturerModelName"], "LO", manufacturer_model_name)
     d[t["SoftwareVersions"]] = _el(t["SoftwareVersions"], "LO", software_versions)
     d[t["SOPInstanceUID"]] = _el(t["SOPInstanceUID"], "UI", str(sop_instance_uid))
     d[t["SOPClassUID"]] = _el(t["SOPClassUID"], "UI", str(Comprehensive3DSRStorage))

@@ -93,6 +93,9 @@ def test_arguments(study_findings):
     assert_identical(study_findings, sr_uid="1.2.3.4", series_uid="1.2.3.5", series_number=12, instance_number=3)
     assert_identical(study_findings, manufacturer="Acme AI", device_name="node-7", model_name="cspine x")
     assert_identical(study_findings, content_datetime=datetime(2026, 1, 2, 3, 4, 5, 678901))
+    assert_identical(study_findings, device_name=None, model_name=None)
+    assert_identical(study_findings, manufacturer=None)
+    assert_identical(study_findings, software_version="x" * 65)
 
 
 def test_predecessors(study_findings):
