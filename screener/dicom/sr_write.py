@@ -38,6 +38,7 @@ from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr, write_data_element, write_dataset, write_file_meta_info
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
@@ -53,6 +54,7 @@ _STRING_VRS = frozenset({"AE", "AS", "CS", "UR"})  # pydicom's write_string
 _DATE_VRS = frozenset({"DA", "DT", "TM"})  # write_string when the value is a str
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC"})  # write_text (character sets apply)
 _NUMBER_FORMATS = {"FD": "d", "FL": "f", "SL": "l", "SV": "q", "UL": "L", "US": "H", "UV": "Q"}  # write_numbers
+_SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 _PRINTABLE_ASCII = "".join(chr(c) for c in range(0x20, 0x7F))
 
 
@@ -113,7 +115,11 @@ def _encodings(charsets: str | tuple[str, ...]) -> tuple[list[str], bool]:
 
 def _dataset(ds: Dataset, parent_encoding: Any, ancestors: list[Dataset]) -> bytes:
     """`ds`'s elements (`ancestors`: `ds` and the datasets above it, nearest first)."""
-    charset = ds.get("SpecificCharacterSet", parent_encoding)
+    elem = ds._dict.get(_SPECIFIC_CHARACTER_SET)  # as ds.get("SpecificCharacterSet", parent_encoding)
+    if elem is None:
+        charset = parent_encoding
+    else:
+        charset = (elem if isinstance(elem, DataElement) else ds[_SPECIFIC_CHARACTER_SET]).value
     charset = charset or [default_encoding]
     key = charset if isinstance(charset, str) else tuple(charset)
     try:
@@ -144,14 +150,14 @@ def _item(item: Dataset, encodings: list[str], ancestors: list[Dataset]) -> byte
     correct_ambiguous_vr(item, True, [item, *ancestors])
     fp = DicomBytesIO()
     fp.is_implicit_VR, fp.is_little_endian = False, True
-    write_dataset(fp, item, parent_encoding=encodings)
+    write_dataset(fp, item, parent_encoding=list(encodings))
     return bytes(fp.getvalue())
 
 
 def _delegate(elem: DataElement, encodings: list[str]) -> bytes:
     fp = DicomBytesIO()
     fp.is_implicit_VR, fp.is_little_endian = False, True
-    write_data_element(fp, elem, encodings)
+    write_data_element(fp, elem, list(encodings))
     return bytes(fp.getvalue())
 
 
