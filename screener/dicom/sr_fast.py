@@ -1,6 +1,7 @@
 """The study SR's pydicom tree, built directly: the same tree as `sr.build_sr_reference` (highdicom).
 
-`screener.dicom.sr.build_sr` calls `build_tree`; highdicom's `Comprehensive3DSR` deep-copies the whole
+`screener.dicom.sr.build_sr` calls `measurement_group`, `report_content` and `header`; highdicom's
+`Comprehensive3DSR` (in `build_sr_reference`) deep-copies the whole
 content tree, re-parses it into its content item classes and walks it again for the evidence, which
 cost ~16 ms of CPU per finding. This module creates the same data elements (same tags, VRs and values,
 through the same pydicom value conversions) once: each dataset and `DataElement` is made directly with
@@ -37,7 +38,9 @@ from pydicom.valuerep import DA, DS, DT, TM
 if TYPE_CHECKING:
     from screener.dicom.sr import Finding
 
-_IGNORE = pydicom_config.IGNORE  # values are validated by the checks below, as highdicom does; not again per element
+# pydicom's per-element value validation only warns (its default mode); the values highdicom checks are
+# checked below with highdicom's own functions.
+_IGNORE = pydicom_config.IGNORE
 
 
 class NotHandled(Exception):

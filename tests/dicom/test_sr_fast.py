@@ -127,6 +127,23 @@ def test_retrained_engine_and_manifest_digest(study_findings):
     assert_identical(_engines(study_findings, manifest_sha256="ab" * 32, backend="tensorrt-fp16"))
 
 
+def test_other_finding_codes_and_numpy_inputs(study_findings):
+    import numpy as np
+    from pydicom.sr.coding import Code
+
+    for code in (
+        Code("CSP0000000000000009", "99CSPINE", "Long code value"),  # > 16 characters: Long Code Value
+        Code("urn:oid:1.2.3.4.5.6.7.8.9", "99CSPINE", "URN code value"),
+        Code("CSP009", "99CSPINE", "Versioned", scheme_version="2"),
+        Code("CSP010", "99CSPINE", "m" * 65),  # refused (Code Meaning is a Long String)
+    ):
+        assert_identical(_engines(study_findings, finding_code=code))
+    src = study_findings[1].source
+    engine = dataclasses.replace(STENOSIS, threshold=np.float32(0.25))
+    roi = tuple(np.array([10, 20, 300, 400], dtype=np.int64))
+    assert_identical([Finding(src, engine, np.float32(0.7), np.bool_(True), roi=roi, laterality="L")])
+
+
 def test_multiframe_sources():
     xa = make_source(7, "LL")
     xa.SOPClassUID = XA
