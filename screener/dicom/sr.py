@@ -1,7 +1,7 @@
 """One DICOM Structured Report per screened study (TID 1500 in Comprehensive 3D SR).
 
 The SR goes back into the source study (same Study Instance UID, patient and
-study attributes copied from the sources by highdicom) in its own series:
+study attributes copied from the first source as highdicom copies them) in its own series:
 
     Imaging Measurement Report (126000, DCM)                  TID 1500
       Language, Observer Type = Device (121007, DCM) + Device Observer UID/name/...
@@ -31,6 +31,21 @@ names the SRs of the study that this one supersedes.
 
 Codes and their reasons: docs/sr-codes.md. The findings use a private coding
 scheme (99CSPINE), declared in the Coding Scheme Identification Sequence.
+
+How it is built: `build_sr_reference` builds the SR with highdicom (`Comprehensive3DSR` around
+highdicom's TID 1500 templates) and `sr_to_bytes_reference` writes it with pydicom's dcmwrite: they
+define the SR. Both cost ~16 ms of CPU per finding, as much as the screening itself, so production
+uses `build_sr`, which makes the same pydicom tree directly (`screener.dicom.sr_fast`: each dataset
+and data element created once with its tag and VR, the header copied from the first source as
+highdicom copies it, no deep copy or re-parse of the content tree), and `sr_to_bytes`, which writes
+pydicom's bytes with a direct Explicit VR Little Endian encoder (`screener.dicom.sr_write`), together
+~1-3 ms per finding. An input the fast builder does not handle (or refuses) goes to the reference,
+which builds it or raises its own error; a dataset the encoder does not handle is written by
+pydicom. tests/dicom/test_sr_fast.py checks that `sr_to_bytes(build_sr(...))` and
+`sr_to_bytes_reference(build_sr_reference(...))` give the same bytes (or the same error) for every
+finding set of tests/dicom/test_sr.py, headers with many character sets, missing, empty and
+malformed attributes, headers read from files, and a seeded random sample; the validators
+(dciodvfy, dsrdump, pixelmed) check the production output.
 
 Determinism: for the same findings, `content_datetime` and software version the
 bytes of `sr_to_bytes(build_sr(...))` are identical (UIDs are derived from the
@@ -468,31 +483,30 @@ def _copyable_header(ds: pydicom.Dataset) -> pydicom.Dataset:
     return clean
 
 
-def build_sr(
+@dataclass(frozen=True)
+class _Plan:
+    """What both builders derive from the findings before building (after the checks)."""
+
+    findings: list[Finding]
+    study_uid: str
+    when: datetime
+    final: bool
+    description: str
+    sr_uid: str
+    series_uid: str
+    tracking_uids: list[str]
+    engines: list[EngineInfo]
+
+
+def _plan(
     findings: Sequence[Finding],
-    *,
-    predecessors: Sequence[SRReference] = (),
-    series_number: int = 9001,
-    instance_number: int = 1,
-    manufacturer: str = "cspine-screener",
+    predecessors: Sequence[SRReference],
     software_version: str,
     device_uid: str,
-    device_name: str = "cspine-screener",
-    model_name: str = "cspine-screener",
-    sr_uid: str | None = None,
-    series_uid: str | None = None,
-    content_datetime: datetime | None = None,
-) -> Comprehensive3DSR:
-    """The study's SR: one measurement group per finding (see module doc).
-
-    Raises ValueError when there are no findings, they span more than one study or
-    patient, or a finding is inconsistent (probability out of 0..1, `present`
-    contradicting the threshold, bad laterality or ROI).
-    `sr_uid` / `series_uid` default to UIDs derived from the content (`derive_uid`),
-    so a replay of the same results gives the same SR. `predecessors` are the SRs of this study
-    that this one supersedes (a late image reopened the study); the caller passes the next
-    `instance_number`.
-    """
+    sr_uid: str | None,
+    series_uid: str | None,
+    content_datetime: datetime | None,
+) -> _Plan:
     findings = list(findings)
     if not findings:
         raise ValueError("no findings to report")
@@ -507,7 +521,6 @@ def build_sr(
     study_uid = studies.pop()
 
     when = content_datetime or datetime.now()
-    final = fit_for_diagnosis(findings)
     unvalidated = any(not f.engine.validated for f in findings)
     description = SERIES_DESCRIPTION_UNVALIDATED if unvalidated else SERIES_DESCRIPTION
 
@@ -524,13 +537,147 @@ def build_sr(
     if series_uid is None:
         series_uid = derive_uid("cspine-sr-series", device_uid, study_uid, description)
 
-    groups = []
+    tracking_uids = []
     seen_tracking: dict[str, int] = {}
     for f in findings:
         base = finding_tracking_uid(f)
         n = seen_tracking.get(base, 0)
         seen_tracking[base] = n + 1
-        groups.append(_measurement_group(f, finding_tracking_uid(f, n) if n else base, manufacturer))
+        tracking_uids.append(finding_tracking_uid(f, n) if n else base)
+
+    engines: dict[str, EngineInfo] = {}
+    for f in findings:
+        engines.setdefault(f.engine.device_uid, f.engine)
+    return _Plan(
+        findings=findings,
+        study_uid=study_uid,
+        when=when,
+        final=fit_for_diagnosis(findings),
+        description=description,
+        sr_uid=sr_uid,
+        series_uid=series_uid,
+        tracking_uids=tracking_uids,
+        engines=list(engines.values()),
+    )
+
+
+def _evidence(findings: Sequence[Finding]) -> list[pydicom.Dataset]:
+    """Every referenced image's (copyable) header, once, in order of first use."""
+    evidence: list[pydicom.Dataset] = []
+    seen: set[str] = set()
+    for f in findings:
+        uid = str(f.source.SOPInstanceUID)
+        if uid not in seen:
+            seen.add(uid)
+            evidence.append(_copyable_header(f.source))
+    return evidence
+
+
+def _coding_schemes(manufacturer: str) -> list[CodingSchemeIdentificationItem]:
+    return [
+        CodingSchemeIdentificationItem(
+            designator=PRIVATE_SCHEME,
+            name=PRIVATE_SCHEME_NAME,
+            responsible_organization=manufacturer,
+        ),
+        CodingSchemeIdentificationItem(
+            designator=IHE_SCHEME,
+            name=IHE_SCHEME_NAME,
+            responsible_organization="IHE International",
+        ),
+    ]
+
+
+def build_sr(
+    findings: Sequence[Finding],
+    *,
+    predecessors: Sequence[SRReference] = (),
+    series_number: int = 9001,
+    instance_number: int = 1,
+    manufacturer: str = "cspine-screener",
+    software_version: str,
+    device_uid: str,
+    device_name: str = "cspine-screener",
+    model_name: str = "cspine-screener",
+    sr_uid: str | None = None,
+    series_uid: str | None = None,
+    content_datetime: datetime | None = None,
+) -> pydicom.Dataset:
+    """The study's SR: one measurement group per finding (see module doc).
+
+    The same dataset as `build_sr_reference` (highdicom), built directly by `screener.dicom.sr_fast`;
+    an input that module does not handle is built (or refused) by the reference.
+
+    Raises ValueError when there are no findings, they span more than one study or
+    patient, or a finding is inconsistent (probability out of 0..1, `present`
+    contradicting the threshold, bad laterality or ROI).
+    `sr_uid` / `series_uid` default to UIDs derived from the content (`derive_uid`),
+    so a replay of the same results gives the same SR. `predecessors` are the SRs of this study
+    that this one supersedes (a late image reopened the study); the caller passes the next
+    `instance_number`.
+    """
+    from screener.dicom import sr_fast
+
+    plan = _plan(findings, predecessors, software_version, device_uid, sr_uid, series_uid, content_datetime)
+    try:
+        groups = [sr_fast.measurement_group(f, uid, manufacturer) for f, uid in zip(plan.findings, plan.tracking_uids)]
+        content = sr_fast.report_content(groups, device_uid, device_name, manufacturer, model_name)
+        sr = sr_fast.header(
+            _evidence(plan.findings),
+            content,
+            series_instance_uid=plan.series_uid,
+            series_number=series_number,
+            sop_instance_uid=plan.sr_uid,
+            instance_number=instance_number,
+            manufacturer=manufacturer,
+            is_final=plan.final,
+            series_description=plan.description,
+            manufacturer_model_name=model_name,
+            software_versions=software_version,
+            when=plan.when,
+            coding_schemes=_coding_schemes(manufacturer),
+        )
+    except Exception as exc:  # noqa: BLE001 - the reference builds it, or raises its own error
+        log.info("sr_built_by_reference", reason=exc.__class__.__name__)
+        return build_sr_reference(
+            findings,
+            predecessors=predecessors,
+            series_number=series_number,
+            instance_number=instance_number,
+            manufacturer=manufacturer,
+            software_version=software_version,
+            device_uid=device_uid,
+            device_name=device_name,
+            model_name=model_name,
+            sr_uid=sr_uid,
+            series_uid=series_uid,
+            content_datetime=plan.when,
+        )
+    add_algorithm_equipment(sr, plan.engines, manufacturer, plan.when)
+    add_predecessors(sr, predecessors)
+    return sr
+
+
+def build_sr_reference(
+    findings: Sequence[Finding],
+    *,
+    predecessors: Sequence[SRReference] = (),
+    series_number: int = 9001,
+    instance_number: int = 1,
+    manufacturer: str = "cspine-screener",
+    software_version: str,
+    device_uid: str,
+    device_name: str = "cspine-screener",
+    model_name: str = "cspine-screener",
+    sr_uid: str | None = None,
+    series_uid: str | None = None,
+    content_datetime: datetime | None = None,
+) -> Comprehensive3DSR:
+    """`build_sr` with highdicom: the definition of the SR's dataset, and the test oracle of `build_sr`
+    (same arguments, same bytes from `sr_to_bytes`, same errors)."""
+    plan = _plan(findings, predecessors, software_version, device_uid, sr_uid, series_uid, content_datetime)
+    when = plan.when
+    groups = [_measurement_group(f, uid, manufacturer) for f, uid in zip(plan.findings, plan.tracking_uids)]
 
     observer = ObserverContext(
         observer_type=OBSERVER_DEVICE,
@@ -545,44 +692,25 @@ def build_sr(
         title=TITLE,
     )
 
-    evidence: list[pydicom.Dataset] = []
-    seen: set[str] = set()
-    for f in findings:  # every referenced image, once, in order of first use
-        uid = str(f.source.SOPInstanceUID)
-        if uid not in seen:
-            seen.add(uid)
-            evidence.append(_copyable_header(f.source))
-
     sr = Comprehensive3DSR(
-        evidence=evidence,
+        evidence=_evidence(plan.findings),
         content=report,
-        series_instance_uid=series_uid,
+        series_instance_uid=plan.series_uid,
         series_number=series_number,
-        sop_instance_uid=sr_uid,
+        sop_instance_uid=plan.sr_uid,
         instance_number=instance_number,
         manufacturer=manufacturer,
         is_complete=True,
-        is_final=final,
+        is_final=plan.final,
         is_verified=False,
-        series_description=description,
+        series_description=plan.description,
         manufacturer_model_name=model_name,
         software_versions=software_version,
         content_date=when.date(),
         content_time=when.time(),
         series_date=when.date(),
         series_time=when.time(),
-        coding_schemes=[
-            CodingSchemeIdentificationItem(
-                designator=PRIVATE_SCHEME,
-                name=PRIVATE_SCHEME_NAME,
-                responsible_organization=manufacturer,
-            ),
-            CodingSchemeIdentificationItem(
-                designator=IHE_SCHEME,
-                name=IHE_SCHEME_NAME,
-                responsible_organization="IHE International",
-            ),
-        ],
+        coding_schemes=_coding_schemes(manufacturer),
     )
     # Replace highdicom's "now" stamps so the same inputs give the same bytes.
     sr.InstanceCreationDate = sr.ContentDate
@@ -590,16 +718,23 @@ def build_sr(
     for item in sr.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = DT(when)
-    engines: dict[str, EngineInfo] = {}
-    for f in findings:
-        engines.setdefault(f.engine.device_uid, f.engine)
-    add_algorithm_equipment(sr, list(engines.values()), manufacturer, when)
+    add_algorithm_equipment(sr, plan.engines, manufacturer, when)
     add_predecessors(sr, predecessors)
     return sr
 
 
 def sr_to_bytes(sr: pydicom.Dataset) -> bytes:
-    """Part 10 file bytes, Explicit VR Little Endian (for the outbox / folder writer)."""
+    """Part 10 file bytes, Explicit VR Little Endian (for the outbox / folder writer): the bytes of
+    `sr_to_bytes_reference` (pydicom's dcmwrite), written by `screener.dicom.sr_write` where it can."""
+    from screener.dicom.sr_write import part10_bytes
+
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    data = part10_bytes(sr)
+    return sr_to_bytes_reference(sr) if data is None else data
+
+
+def sr_to_bytes_reference(sr: pydicom.Dataset) -> bytes:
+    """`sr_to_bytes` with pydicom's writer (``save_as(..., enforce_file_format=True)``)."""
     sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     buf = io.BytesIO()
     sr.save_as(buf, enforce_file_format=True)
