@@ -217,6 +217,7 @@ class Node:
             self.destinations.append(FOLDER_PREFIX + str(Path(settings.sr_folder).resolve()))
         self.listener: Any = None
         self._stopping = threading.Event()
+        self._send_wake = threading.Event()  # set when an SR is queued: the send job runs now, not at its next tick
         self._threads: list[threading.Thread] = []
         self.http: HttpServer | None = None  # while running
         self._screen_lock = threading.Lock()
@@ -242,12 +243,12 @@ class Node:
         sched = self.settings.schedule
         tick = max(0.05, min(sched.batch_interval_s, sched.study_stable_s / 4))
         loops = [
-            ("screen", self.tick, tick, 0.0),
-            ("send", self.send_job, min(1.0, sched.send_backoff_s), 0.0),
-            ("retention", self.apply_retention, sched.retention_interval_s, retention_first_delay(sched)),
+            ("screen", self.tick, tick, 0.0, None),
+            ("send", self.send_job, min(1.0, sched.send_backoff_s), 0.0, self._send_wake),
+            ("retention", self.apply_retention, sched.retention_interval_s, retention_first_delay(sched), None),
         ]
-        for name, fn, interval, first in loops:
-            t = threading.Thread(target=self._loop, args=(fn, interval, first), name=f"job-{name}", daemon=True)
+        for name, fn, interval, first, wake in loops:
+            t = threading.Thread(target=self._loop, args=(fn, interval, first, wake), name=f"job-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         log.info(
@@ -258,16 +259,24 @@ class Node:
             destinations=self.destinations,
         )
 
-    def _loop(self, fn: Callable[[], bool], interval: float, first_delay: float) -> None:
-        """Run a job every `interval`; after a failed pass (it logged why) wait longer, doubling up to
-        30 s, so that a full disk or a broken database does not flood the log."""
+    def _loop(
+        self, fn: Callable[[], bool], interval: float, first_delay: float, wake: threading.Event | None = None
+    ) -> None:
+        """Run a job every `interval`, or as soon as `wake` is set (new work; stop sets it too); after
+        a failed pass (it logged why) wait longer, doubling up to 30 s, so that a full disk or a broken
+        database does not flood the log (a wake-up does not shorten that wait)."""
         if self._stopping.wait(first_delay):
             return
         failures = 0
         while not self._stopping.is_set():
+            if wake is not None:
+                wake.clear()
             failures = 0 if fn() else failures + 1
             wait = interval if not failures else min(30.0, max(interval, 0.5) * 2 ** min(failures - 1, 6))
-            self._stopping.wait(wait)
+            if wake is None or failures:
+                self._stopping.wait(wait)
+            else:
+                wake.wait(wait)
 
     @property
     def port(self) -> int:
@@ -296,6 +305,7 @@ class Node:
             self.http.stop()
             self.http = None
         self._stopping.set()
+        self._send_wake.set()
         busy = []
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -445,6 +455,7 @@ class Node:
             log.info("sr_superseded", study_uid=uid, sr_uid=info.sop_instance_uid, reason="new instance")
             return
         crash.point("node.after_finish")
+        self._send_wake.set()
         metrics.study_finished("reported", max((i.received_at for i in pick.instances), default=None))
         log.info(
             "sr_written",

@@ -146,8 +146,11 @@ class OnnxRuntimeEngine:
         if len(x) == 0:
             tail = [d if isinstance(d, int) else 0 for d in self.output_shape[1:]]
             return np.zeros((0, *tail), np.float32)
-        parts = min(len(self.sessions), len(x))
-        step = min(self.max_batch, -(-len(x) // parts))  # every session gets a share of the batch
+        # With several sessions, small chunks taken in turn by whichever session is free: when a
+        # decode worker holds a CPU for a while the other session keeps working (halves would wait
+        # for the slower one). Single-threaded ONNX Runtime runs as fast at 4 images as at 32.
+        parts = len(self.sessions) * 4 if len(self.sessions) > 1 else 1
+        step = max(1, min(self.max_batch, -(-len(x) // parts)))
         chunks = [x[i : i + step] for i in range(0, len(x), step)]
         if self._executor is None or len(chunks) == 1:
             outs = [self.session.run([self.output_name], {self.input_name: c})[0] for c in chunks]

@@ -108,8 +108,8 @@ def _worker_main(
             msg = conn.recv()
         except (EOFError, OSError):
             return
-        if msg is None:
-            return
+        if msg is None:  # the pool is closing: nothing to flush (results went back on the pipe)
+            os._exit(0)
         fn, item = msg
         try:
             reply: tuple[str, Any] = ("ok", fn(item))
