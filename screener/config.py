@@ -147,12 +147,17 @@ class EngineSettings:
     dir: str = "engines"
     backend: str = "auto"  # auto | tensorrt | torch | onnx-int8 | onnx-fp32
     enabled: list[str] = field(default_factory=lambda: ["spondylosis"])
+    # ONNX Runtime on the CPU: sessions per engine that share each batch (0: one per CPU, at most 4; each
+    # holds its own copy of the weights). 1: one session with a thread per CPU.
+    cpu_sessions: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "tensorrt", "torch", "onnx-int8", "onnx-fp32"):
             raise ConfigError(
                 f"engines.backend: expected auto|tensorrt|torch|onnx-int8|onnx-fp32, got {self.backend!r}"
             )
+        if isinstance(self.cpu_sessions, bool) or not isinstance(self.cpu_sessions, int) or self.cpu_sessions < 0:
+            raise ConfigError("engines.cpu_sessions: a whole number, 0 (one per CPU, at most 4) or more")
 
 
 def _available_cpus() -> int:

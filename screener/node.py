@@ -97,7 +97,12 @@ def load_engines(settings: Settings, base: Path | None = None) -> dict[str, Load
                 f"engine '{name}' is enabled in the configuration but {folder} has no manifest.json; "
                 f"build it with `trainer build-engine --task {name}` or remove it from engines.enabled"
             )
-        engines[name] = load_engine(folder, settings.engines.backend, nice=settings.pipeline.nice)
+        engines[name] = load_engine(
+            folder,
+            settings.engines.backend,
+            nice=settings.pipeline.nice,
+            sessions=settings.engines.cpu_sessions or None,
+        )
         m = engines[name].manifest
         log.info(
             "engine_loaded",

@@ -489,6 +489,7 @@ def open_runtime(
     threads: int | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     nice: int = 0,
+    sessions: int | None = None,
 ) -> EngineRuntime:
     """Instantiate the runtime for one backend record of `manifest`."""
     path = Path(folder) / backend.file
@@ -498,7 +499,9 @@ def open_runtime(
     if backend.name == "torch":
         return TorchEngine(path, max_batch=max_batch, name=name, backend=backend.name, image_size=manifest.input_size)
     if backend.name.startswith("onnx"):
-        return OnnxRuntimeEngine(path, threads=threads, max_batch=max_batch, name=name, backend=backend.name, nice=nice)
+        return OnnxRuntimeEngine(
+            path, threads=threads, max_batch=max_batch, name=name, backend=backend.name, nice=nice, sessions=sessions
+        )
     raise ManifestError(f"{path}: unknown backend kind {backend.name!r}")
 
 
@@ -508,12 +511,13 @@ def load_engine(
     threads: int | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     nice: int = 0,
+    sessions: int | None = None,
 ) -> LoadedEngine:
     """Load and verify ``folder/manifest.json`` (SHA-256 of every kept file), then open a backend."""
     folder = Path(folder)
     man = manifest_mod.load(folder, verify=True)
     backend = choose_backend(man, requested)
-    runtime = open_runtime(folder, man, backend, threads=threads, max_batch=max_batch, nice=nice)
+    runtime = open_runtime(folder, man, backend, threads=threads, max_batch=max_batch, nice=nice, sessions=sessions)
     return LoadedEngine(man, backend, runtime, folder)
 
 

@@ -272,6 +272,8 @@ def test_sessions_split_the_batch_and_agree(engine_folder):
     default = OnnxRuntimeEngine(engine_folder / "model.onnx")
     assert len(default.sessions) == default_sessions(default_threads())
     assert default.threads_per_session == max(1, default_threads() // len(default.sessions))
+    one_session = runtime.load_engine(engine_folder, "onnx-fp32", sessions=1).runtime
+    assert len(one_session.sessions) == 1 and one_session.threads_per_session == default_threads()
 
 
 def test_engine_threads_run_at_lower_priority(engine_folder):

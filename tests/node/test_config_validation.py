@@ -52,6 +52,10 @@ BAD = [
     ('[tls]\nlisten = true\ncertificate = "c.pem"\nprivate_key = "k.pem"\n', "tls.ca_file"),
     ("[tls]\nport = 65536\n", "tls.port"),
     ('[[tls.peers]]\nae_title = "PACS"\n', "tls.peers[0]"),
+    ("[engines]\ncpu_sessions = -1\n", "engines.cpu_sessions"),
+    ('[engines]\ncpu_sessions = "2"\n', "engines.cpu_sessions"),
+    ("[pipeline]\nnice = 20\n", "pipeline.nice"),
+    ("[pipeline]\nnice = -1\n", "pipeline.nice"),
 ]
 
 
@@ -129,10 +133,12 @@ def test_good_values_accepted(tmp_path):
     p.write_text(
         '[node]\nae_title = "  CSPINE "\nallowed_calling_aets = ["ORTHANC", "A-B_C.D 1"]\nport = 104\n'
         "[schedule]\nstudy_stable_s = 0\nsend_retries = 0\nretention_days = 0\n"
+        "[engines]\ncpu_sessions = 2\n[pipeline]\nnice = 0\n"
         '[[destinations]]\nae_title = "PACS"\nhost = "pacs.example.org"\nport = 65535\n'
     )
     s = config.load(p)
     assert s.node.port == 104 and s.destinations[0].port == 65535 and math.isfinite(s.schedule.study_stable_s)
+    assert s.engines.cpu_sessions == 2 and s.pipeline.nice == 0
 
 
 def test_destination_string_forms():
