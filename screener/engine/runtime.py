@@ -19,6 +19,7 @@ CPU (tests, hosts without CUDA) it runs the program in fp32 as exported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -72,10 +73,10 @@ class OnnxRuntimeEngine:
     every operator waits for the thread that lost it: with the pool running the engine's time
     per image rose from 12.3 to 19.5 ms. Single-threaded sessions share the CPUs with the
     workers without waiting for each other (`nice`: the niceness of the threads that run them,
-    so that receiving images goes first on a busy node; per thread on Linux). Intra-op
-    threads do not spin while idle (no cost
-    alone, measured; the CPU goes to the workers instead). Outputs do not depend on how a
-    batch is split (static int8 quantization, fp32: per image, tested).
+    so that receiving images goes first on a busy node; per thread on Linux). Intra-op threads
+    do not spin while idle (no cost alone, measured; the CPU goes to the workers instead).
+    Outputs do not depend on how a batch is split (static int8 quantization, fp32: per image,
+    tested).
     """
 
     def __init__(
@@ -524,10 +525,8 @@ def load_engine(
 def _lower_priority(nice: int) -> None:
     """Lower the calling thread's priority by `nice` (per thread on Linux); best effort."""
     if nice > 0:
-        try:
+        with contextlib.suppress(OSError):
             os.nice(nice)
-        except OSError:
-            pass
 
 
 def default_sessions(cpus: int) -> int:

@@ -42,7 +42,7 @@ def native_frame(ds: pydicom.Dataset) -> np.ndarray | None:
     try:
         allocated, samples = int(ds.BitsAllocated), int(ds.get("SamplesPerPixel", 1) or 1)
         signed, rows, cols = int(ds.get("PixelRepresentation", 0) or 0), int(ds.Rows), int(ds.Columns)
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - a header value pydicom cannot convert: pydicom's path reports it
         return None
     if samples != 1 or signed != 0 or allocated not in (8, 16):
         return None
@@ -71,7 +71,7 @@ def gray8_table(ds: pydicom.Dataset, limits: LimitSettings | None = None) -> tup
         try:
             stored = int(ds.get("BitsStored", 0) or 0)
             high = int(ds.get("HighBit", stored - 1) or 0)
-        except (TypeError, ValueError):
+        except Exception:  # noqa: BLE001 - as above
             stored = high = 0
         if not 1 <= stored <= arr.dtype.itemsize * 8 or high != stored - 1 or hi >= 1 << stored:
             arr = None  # bits above Bits Stored are set (pydicom masks them) or an odd header: pydicom decodes

@@ -54,3 +54,23 @@ def prepare_or_crash(job: Job) -> Prepared:
     if POISON in Path(job.path).name:
         os.abort()
     return prepare_file(job)
+
+
+def compare_routes(job: Job) -> str:
+    """The worker's route (native view, lookup table mapped where read) against the reference
+    route (``dataset_to_gray8`` on the whole frame) for one file: "" when they give the same
+    outcome and the same model images, else what differs (no header values)."""
+    import numpy as np
+
+    from screener.pipeline.prepare import prepare_file_reference
+
+    fast, ref = prepare_file(job), prepare_file_reference(job)
+    a, b = fast.outcome, ref.outcome
+    if (a.state, bool(a.failed), bool(a.skipped)) != (b.state, bool(b.failed), bool(b.skipped)):
+        return f"state {a.state} != {b.state}"
+    if sorted(fast.inputs) != sorted(ref.inputs):
+        return "different engines"
+    for name in fast.inputs:
+        if not np.array_equal(fast.inputs[name], ref.inputs[name]):
+            return f"{name}: model image differs"
+    return ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -133,3 +134,100 @@ def test_native_frame_declines_what_it_does_not_cover():
     assert native_frame(short) is None
     ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
     assert native_frame(ds) is None
+
+
+def test_fast_route_equals_reference_on_real_and_broken_files(tmp_path):
+    """Every bundled pydicom test file with pixel data (other modalities, bit depths, high bits,
+    encodings, signed data, colour) and mutated copies of each (truncated, byte-flipped, wrong
+    Rows, absurd sizes, wrong sample count), routed to an engine whatever they are: the worker's
+    route and the reference route give the same outcome and bit-identical model images. Run in
+    isolated workers, as the node runs them (a decoder that crashes fails the comparison)."""
+    from bench.hostile_corpus import build_corpus
+    from screener.config import PipelineSettings, RoutingRule
+    from screener.pipeline.pool import Failure, WorkerPool
+    from screener.pipeline.prepare import EngineSpec, Job, Plan
+    from tests.pipeline import tasks
+
+    files = [p for kind, p in build_corpus(tmp_path / "corpus", flips=1, bomb_mb=1) if "bomb" not in kind]
+    assert len(files) > 300
+    everything = RoutingRule(name="all", engines=["spondylosis"])
+    plan = Plan((everything,), (EngineSpec("spondylosis", "classifier", pp.recipe("original", 64)),))
+    settings = PipelineSettings()
+    with WorkerPool(settings.worker_count, settings.memory_limit_mb, 60, preload=("tests.pipeline.tasks",)) as pool:
+        results = dict(pool.map(tasks.compare_routes, [Job(str(p), plan) for p in files]))
+    problems = {
+        files[i].name: (r.reason if isinstance(r, Failure) else r)
+        for i, r in results.items()
+        if isinstance(r, Failure) or r
+    }
+    assert not problems
+
+
+def _native_variant(rng: np.random.Generator, i: int) -> Dataset:
+    """A random native DX: 8 or 16 bits allocated, any Bits Stored, High Bit usually Bits Stored - 1,
+    sometimes garbage above Bits Stored, MONOCHROME1/2, window / VOI LUT / min-max / rescale, odd
+    sizes, one or two frames, implicit or explicit VR."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    allocated = int(rng.choice([8, 16]))
+    stored = int(rng.integers(6, allocated + 1))
+    h, w = int(rng.integers(40, 130)), int(rng.integers(40, 130))
+    frames = int(rng.choice([1, 2]))
+    ds = make_dx(
+        gray_image(i, 140)[:h, :w], make_study_ids(), "LL", photometric=str(rng.choice(["MONOCHROME1", "MONOCHROME2"]))
+    )
+    values = rng.integers(0, 1 << stored, size=(frames, h, w)).astype(np.uint16)
+    values[:, h // 3 : h // 2] //= 3  # structure: not all values equally likely
+    if rng.random() < 0.25:  # bits above Bits Stored set in some pixels
+        values[:, :: int(rng.integers(2, 9))] |= np.uint16(((1 << allocated) - 1) ^ ((1 << stored) - 1))
+    ds.BitsAllocated, ds.BitsStored = allocated, stored
+    ds.HighBit = stored - 1 if rng.random() < 0.85 else allocated - 1
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = values.astype(np.uint8 if allocated == 8 else "<u2").tobytes()
+    if len(ds.PixelData) % 2:
+        ds.PixelData += b"\0"
+    kind = rng.integers(0, 4)
+    if kind == 0:
+        del ds.WindowCenter, ds.WindowWidth  # min-max
+    elif kind == 1:
+        ds.WindowCenter, ds.WindowWidth = float(rng.integers(1, 1 << stored)), float(rng.integers(2, 1 << stored))
+        ds.VOILUTFunction = str(rng.choice(["LINEAR", "LINEAR_EXACT", "SIGMOID"]))
+    elif kind == 2:
+        item = Dataset()  # written to a file: the ambiguous VRs given explicitly
+        item.add_new(0x00283002, "US", [(1 << stored) % 65536, 0, 12])  # LUT Descriptor (0: 65536)
+        item.add_new(0x00283006, "US", [int(v) for v in np.sqrt(np.arange(1 << stored) / ((1 << stored) - 1)) * 4095])
+        ds.VOILUTSequence = [item]
+    if rng.random() < 0.3:
+        ds.RescaleSlope, ds.RescaleIntercept = float(rng.choice([-2.0, 0.5, 3.0])), float(rng.integers(-100, 100))
+    if rng.random() < 0.3:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    return ds
+
+
+def test_native_view_route_equals_reference_on_random_images(tmp_path):
+    """The general case of the native view: random native images written to files and read back
+    as the worker reads them; the worker's route gives the reference's outcome and model images."""
+    from screener.config import RoutingRule
+    from screener.pipeline import decode
+    from screener.pipeline.prepare import EngineSpec, Job, Plan
+    from tests.pipeline import tasks
+
+    rng = np.random.default_rng(2026)
+    plan = Plan(
+        (RoutingRule(name="all", engines=["a", "b"]),),
+        (
+            EngineSpec("a", "classifier", pp.recipe("original", 32)),
+            EngineSpec(
+                "b", "classifier", pp.Recipe("b", crop="centre", centre_size=60, image_size=24, colour="gs_eq_inv")
+            ),
+        ),
+    )
+    viewed = 0
+    for i in range(80):
+        ds = _native_variant(rng, i)
+        path = tmp_path / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        viewed += decode.native_frame(pydicom.dcmread(path)) is not None
+        assert tasks.compare_routes(Job(str(path), plan)) == "", i
+    assert viewed > 60
